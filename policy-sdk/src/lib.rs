@@ -262,25 +262,6 @@ impl Failure {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requirement_encoding_round_trips() {
-        let r = Requirement {
-            level: TlsLevel::Secure,
-            match_names: vec!["a.example".into(), ".b.example".into()],
-            min_version: Some(TlsVersion::Tls12),
-        };
-        assert_eq!(Requirement::decode(&r.encode()), Some(r));
-        let r = Requirement::new(TlsLevel::Encrypt);
-        assert_eq!(Requirement::decode(&r.encode()), Some(r));
-        assert_eq!(Requirement::decode("strong;;"), None);
-        assert_eq!(Requirement::decode("verify"), None);
-    }
-}
-
 /// Exports a type implementing [`Policy`] as the component's `policy` world.
 ///
 /// Use it once, at the root of a `cdylib` crate built for `wasm32-wasip2`.
@@ -310,4 +291,23 @@ macro_rules! export_policy {
 
         $crate::bindings::export!(__PostwardenGuest with_types_in $crate::bindings);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requirement_encoding_round_trips() {
+        let r = Requirement {
+            level: TlsLevel::Secure,
+            match_names: vec!["a.example".into(), ".b.example".into()],
+            min_version: Some(TlsVersion::Tls12),
+        };
+        assert_eq!(Requirement::decode(&r.encode()), Some(r));
+        let r = Requirement::new(TlsLevel::Encrypt);
+        assert_eq!(Requirement::decode(&r.encode()), Some(r));
+        assert_eq!(Requirement::decode("strong;;"), None);
+        assert_eq!(Requirement::decode("verify"), None);
+    }
 }

@@ -61,7 +61,8 @@ impl Policy for ForcedTls {
     fn configure(settings: &str, host: &dyn Host) -> Result<(), String> {
         let settings: Settings = parse_settings(settings)?;
         for (domain, entry) in settings.domains {
-            let requirement = entry.requirement().map_err(|e| format!("domains.\"{domain}\": {e}"))?;
+            let requirement =
+                entry.requirement().map_err(|e| format!("domains.\"{domain}\": {e}"))?;
             let key = names::normalize(&domain);
             if key.is_empty() || key == "." || key.contains(char::is_whitespace) {
                 return Err(format!("domains.\"{domain}\": not a domain name"));
@@ -131,7 +132,9 @@ fn reason(ctx: &Context, failure: &Failure) -> String {
         Failure::StarttlsRefused(reply) => {
             format!("TLS is required, but {mx} refused STARTTLS: {} {}", reply.code, reply.text)
         }
-        Failure::HandshakeFailed(why) => format!("Cannot start TLS with {mx}: handshake failure: {why}"),
+        Failure::HandshakeFailed(why) => {
+            format!("Cannot start TLS with {mx}: handshake failure: {why}")
+        }
         Failure::CertificateUntrusted(why)
         | Failure::CertificateExpired(why)
         | Failure::CertificateNotYetValid(why)
@@ -182,7 +185,10 @@ mod tests {
         let host = FakeHost::default();
         let mut ctx = context("bank.example");
         ctx.mx_count = 2;
-        assert_eq!(ForcedTls::on_failure(&ctx, &Failure::StarttlsNotOffered, &host), Action::NextMx);
+        assert_eq!(
+            ForcedTls::on_failure(&ctx, &Failure::StarttlsNotOffered, &host),
+            Action::NextMx
+        );
         ctx.mx_index = 1;
         match ForcedTls::on_failure(&ctx, &Failure::StarttlsNotOffered, &host) {
             Action::Defer(reason) => {
@@ -198,7 +204,10 @@ mod tests {
     fn bad_settings_name_the_key() {
         let cases = [
             (r#"{"domains": {"a.example": "may"}}"#, "domains.\"a.example\": level `may`"),
-            (r#"{"domains": {"a.example": {"level": "encrypt", "match": ["x"]}}}"#, "`match` needs"),
+            (
+                r#"{"domains": {"a.example": {"level": "encrypt", "match": ["x"]}}}"#,
+                "`match` needs",
+            ),
             (r#"{"domains": {"a.example": {"level": "verify", "min_version": "ssl3"}}}"#, "ssl3"),
             (r#"{"domain": {}}"#, "unknown field `domain`"),
             (r#"{"domains": {"a example": "verify"}}"#, "not a domain name"),
@@ -208,5 +217,4 @@ mod tests {
             assert!(err.contains(expected), "{settings}: {err}");
         }
     }
-
 }

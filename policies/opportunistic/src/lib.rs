@@ -40,7 +40,10 @@ mod tests {
     fn every_domain_gets_may() {
         let host = FakeHost::configured::<Opportunistic>("{}").unwrap();
         for domain in ["example.com", "bank.example", "a.b.c"] {
-            assert_eq!(Opportunistic::plan(&context(domain), &host), Decision::require(TlsLevel::May));
+            assert_eq!(
+                Opportunistic::plan(&context(domain), &host),
+                Decision::require(TlsLevel::May)
+            );
         }
     }
 

@@ -88,7 +88,12 @@ impl Policy for PostfixMap {
         if ctx.mx_index + 1 < ctx.mx_count {
             Action::NextMx
         } else {
-            Action::Defer(format!("TLS is required for {}: {} at {}", ctx.domain, failure.class(), ctx.mx_host))
+            Action::Defer(format!(
+                "TLS is required for {}: {} at {}",
+                ctx.domain,
+                failure.class(),
+                ctx.mx_host
+            ))
         }
     }
 }
@@ -134,7 +139,9 @@ fn parse_table(text: &str) -> Result<Vec<Entry>, String> {
                     }
                     match_given = true;
                 }
-                "match" => return Err(fail(format!("`match=` needs verify or secure, not {level:?}"))),
+                "match" => {
+                    return Err(fail(format!("`match=` needs verify or secure, not {level:?}")));
+                }
                 "protocols" => requirement.min_version = parse_protocols(value).map_err(fail)?,
                 _ => return Err(fail(format!("attribute `{name}` is not supported"))),
             }
@@ -281,12 +288,18 @@ plain.example      may
     fn failures_depend_on_level() {
         let host = host();
         let failure = Failure::HandshakeFailed("alert".into());
-        assert_eq!(PostfixMap::on_failure(&context("plain.example"), &failure, &host), Action::ReconnectPlaintext);
+        assert_eq!(
+            PostfixMap::on_failure(&context("plain.example"), &failure, &host),
+            Action::ReconnectPlaintext
+        );
         assert_eq!(
             PostfixMap::on_failure(&context("plain.example"), &Failure::StarttlsNotOffered, &host),
             Action::ContinuePlaintext
         );
-        assert!(matches!(PostfixMap::on_failure(&context("example.com"), &failure, &host), Action::Defer(_)));
+        assert!(matches!(
+            PostfixMap::on_failure(&context("example.com"), &failure, &host),
+            Action::Defer(_)
+        ));
         let mut ctx = context("example.com");
         ctx.mx_count = 2;
         assert_eq!(PostfixMap::on_failure(&ctx, &failure, &host), Action::NextMx);
@@ -296,7 +309,10 @@ plain.example      may
     fn unsupported_input_is_an_error_with_its_line() {
         let cases = [
             ("example.com dane", "map line 1: level `dane` is not supported yet"),
-            ("example.com encrypt ciphers=high", "map line 1: attribute `ciphers` is not supported"),
+            (
+                "example.com encrypt ciphers=high",
+                "map line 1: attribute `ciphers` is not supported",
+            ),
             ("\n\nexample.com", "map line 3: expected `key level"),
             ("example.com bogus", "unknown level `bogus`"),
             ("[mx.example.com]:587 encrypt", "port `587` is not supported"),

@@ -73,7 +73,9 @@ impl Policy for Tofu {
     fn on_delivered(ctx: &Context, report: &DeliveryReport, host: &dyn Host) {
         let learned = if report.tls_version.is_some() && report.certificate_verified {
             TlsLevel::Verify
-        } else if report.tls_version.is_some() && host.table_get("remember_encrypt").as_deref() == Some("1") {
+        } else if report.tls_version.is_some()
+            && host.table_get("remember_encrypt").as_deref() == Some("1")
+        {
             TlsLevel::Encrypt
         } else {
             return;
@@ -84,7 +86,10 @@ impl Policy for Tofu {
             _ => learned,
         };
         if remembered(ctx, host).is_none() {
-            host.log(LogLevel::Info, &format!("tofu: remembering {} for {}", level.as_str(), ctx.domain));
+            host.log(
+                LogLevel::Info,
+                &format!("tofu: remembering {} for {}", level.as_str(), ctx.domain),
+            );
         }
         host.kv_set(&ctx.domain, &format!("{};{}", level.as_str(), host.now()));
     }
@@ -97,7 +102,10 @@ fn remembered(ctx: &Context, host: &dyn Host) -> Option<(TlsLevel, u64)> {
     let value = host.kv_get(&ctx.domain)?;
     let (level, at) = value.split_once(';')?;
     let (level, at) = (TlsLevel::parse(level)?, at.parse::<u64>().ok()?);
-    let max_age = host.table_get("max_age").and_then(|v| v.parse::<u64>().ok()).unwrap_or(180 * SECONDS_PER_DAY);
+    let max_age = host
+        .table_get("max_age")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(180 * SECONDS_PER_DAY);
     (host.now().saturating_sub(at) <= max_age).then_some((level, at))
 }
 
@@ -124,13 +132,24 @@ mod tests {
         assert_eq!(Tofu::plan(&ctx, &host), Decision::Abstain);
 
         Tofu::on_delivered(&ctx, &report(true, false), &host);
-        assert_eq!(Tofu::plan(&ctx, &host), Decision::Abstain, "unverified TLS is not remembered by default");
+        assert_eq!(
+            Tofu::plan(&ctx, &host),
+            Decision::Abstain,
+            "unverified TLS is not remembered by default"
+        );
 
         Tofu::on_delivered(&ctx, &report(true, true), &host);
         assert_eq!(Tofu::plan(&ctx, &host), Decision::require(TlsLevel::Verify));
         Tofu::on_delivered(&ctx, &report(false, false), &host);
-        assert_eq!(Tofu::plan(&ctx, &host), Decision::require(TlsLevel::Verify), "plaintext does not erase");
-        assert!(matches!(Tofu::on_failure(&ctx, &Failure::StarttlsNotOffered, &host), Action::Defer(_)));
+        assert_eq!(
+            Tofu::plan(&ctx, &host),
+            Decision::require(TlsLevel::Verify),
+            "plaintext does not erase"
+        );
+        assert!(matches!(
+            Tofu::on_failure(&ctx, &Failure::StarttlsNotOffered, &host),
+            Action::Defer(_)
+        ));
 
         host.now.set(1_000 + 181 * SECONDS_PER_DAY);
         assert_eq!(Tofu::plan(&ctx, &host), Decision::Abstain, "expired");
@@ -138,7 +157,8 @@ mod tests {
 
     #[test]
     fn remember_encrypt_and_never_weaken() {
-        let host = FakeHost::configured::<Tofu>(r#"{"remember_encrypt": true, "max_age_days": 1}"#).unwrap();
+        let host = FakeHost::configured::<Tofu>(r#"{"remember_encrypt": true, "max_age_days": 1}"#)
+            .unwrap();
         let ctx = context("example.com");
         Tofu::on_delivered(&ctx, &report(true, false), &host);
         assert_eq!(Tofu::plan(&ctx, &host), Decision::require(TlsLevel::Encrypt));
@@ -150,7 +170,15 @@ mod tests {
 
     #[test]
     fn bad_settings() {
-        assert!(FakeHost::configured::<Tofu>(r#"{"max_age_days": 0}"#).unwrap_err().contains("max_age_days"));
-        assert!(FakeHost::configured::<Tofu>(r#"{"remember": true}"#).unwrap_err().contains("unknown field"));
+        assert!(
+            FakeHost::configured::<Tofu>(r#"{"max_age_days": 0}"#)
+                .unwrap_err()
+                .contains("max_age_days")
+        );
+        assert!(
+            FakeHost::configured::<Tofu>(r#"{"remember": true}"#)
+                .unwrap_err()
+                .contains("unknown field")
+        );
     }
 }

@@ -1,0 +1,313 @@
+//! The `postwarden` command line: what operators and policy authors run.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::policy::KvStore as _;
+use crate::policy::{
+    self, Chain, Context, EngineOptions, Failure, PolicyEngine, StateMode, Verdict,
+};
+
+/// Postwarden: an SMTP relay whose TLS decisions are programmed in WebAssembly.
+#[derive(Debug, Parser)]
+#[command(name = "postwarden", version)]
+pub struct Cli {
+    /// Log more (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Parse and validate a configuration file, loading its policies.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Work with policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `postwarden policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check that a component implements the policy contract (and, with --settings, that it
+    /// accepts them).
+    Check {
+        /// The component (`.wasm`, or component text `.wat`).
+        file: PathBuf,
+        /// Settings to configure it with, as JSON.
+        #[arg(long)]
+        settings: Option<String>,
+    },
+    /// Show which policy of the configured chain decides what for a domain, and why.
+    Explain {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The recipient domain.
+        domain: String,
+        /// The MX host (default: the domain itself).
+        #[arg(long)]
+        mx: Option<String>,
+        /// Position of the MX host in the MX list, from 0.
+        #[arg(long, default_value_t = 0)]
+        mx_index: u32,
+        /// Number of MX hosts.
+        #[arg(long, default_value_t = 1)]
+        mx_count: u32,
+        /// Delivery attempt number.
+        #[arg(long, default_value_t = 1)]
+        attempt: u32,
+        /// Show the reaction to this failure class only (default: every class).
+        #[arg(long)]
+        failure: Option<String>,
+        /// The message carries REQUIRETLS.
+        #[arg(long)]
+        requiretls: bool,
+        /// The message carries `TLS-Required: No`.
+        #[arg(long)]
+        tls_required_no: bool,
+    },
+    /// Inspect or clear what policies remember (their persistent key-value stores).
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+/// `postwarden policy state ...`
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// List every remembered entry.
+    List {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this policy.
+        #[arg(long)]
+        policy: Option<String>,
+    },
+    /// Forget what policies remember about a domain (keys `DOMAIN` and `DOMAIN/...`).
+    Reset {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The domain.
+        domain: String,
+        /// Only this policy.
+        #[arg(long)]
+        policy: Option<String>,
+    },
+}
+
+/// Installs the log subscriber (stderr, `RUST_LOG` overrides the verbosity).
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs a parsed command line, printing to stdout.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut out = String::new();
+    let code = match cli.command {
+        Command::CheckConfig { config } => check_config(&config, &mut out)?,
+        Command::Policy(PolicyCommand::Check { file, settings }) => {
+            policy_check(&file, settings.as_deref(), &mut out)?
+        }
+        Command::Policy(PolicyCommand::Explain {
+            config,
+            domain,
+            mx,
+            mx_index,
+            mx_count,
+            attempt,
+            failure,
+            requiretls,
+            tls_required_no,
+        }) => {
+            let mut ctx = Context::new(&domain, mx.as_deref().unwrap_or(&domain));
+            ctx.mx_index = mx_index;
+            ctx.mx_count = mx_count.max(mx_index + 1);
+            ctx.attempt = attempt;
+            ctx.requiretls = requiretls;
+            ctx.tls_required_no = tls_required_no;
+            explain(&config, &ctx, failure.as_deref(), &mut out)?
+        }
+        Command::Policy(PolicyCommand::State(cmd)) => state(cmd, &mut out)?,
+    };
+    print!("{out}");
+    Ok(code)
+}
+
+/// `check-config`.
+pub fn check_config(path: &Path, out: &mut String) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let engine = policy::engine_from_config(&config)?;
+    let chain = policy::load_chain(&engine, &config, StateMode::Snapshot)?;
+    writeln!(out, "{}: ok ({} policies)", path.display(), chain.policies().len())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `policy check FILE`.
+pub fn policy_check(
+    file: &Path,
+    settings: Option<&str>,
+    out: &mut String,
+) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let engine = PolicyEngine::new(&EngineOptions::default())?;
+    let name =
+        file.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
+    let info = engine.check(&name, &bytes)?;
+    writeln!(out, "{}: implements postwarden:policy@{}", file.display(), info.contract_version)?;
+    writeln!(out, "  sha256:   {}", info.sha256)?;
+    writeln!(out, "  size:     {} bytes", bytes.len())?;
+    writeln!(out, "  compile:  {:.1} ms", info.load_time.as_secs_f64() * 1000.0)?;
+    writeln!(
+        out,
+        "  wasi:     {}",
+        if info.imports_wasi {
+            "imported (deny-by-default WASI is linked)"
+        } else {
+            "not imported"
+        }
+    )?;
+    for import in &info.imports {
+        writeln!(out, "  import:   {import}")?;
+    }
+    if let Some(settings) = settings {
+        let source = policy::PolicySource {
+            name: name.clone(),
+            bytes,
+            settings: settings.to_owned(),
+            limits: policy::Limits::default(),
+        };
+        engine.load(&source, std::sync::Arc::new(policy::MemoryKv::default()))?;
+        writeln!(out, "  settings: accepted")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `policy explain`.
+pub fn explain(
+    config_path: &Path,
+    ctx: &Context,
+    failure: Option<&str>,
+    out: &mut String,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let engine = policy::engine_from_config(&config)?;
+    let chain = policy::load_chain(&engine, &config, StateMode::Snapshot)?;
+    let failures: Vec<Failure> = match failure {
+        Some(class) => match Failure::from_class(class) {
+            Some(f) => vec![f],
+            None => {
+                bail!("unknown failure class `{class}` (one of: {})", Failure::CLASSES.join(", "))
+            }
+        },
+        None => Failure::CLASSES.iter().filter_map(|c| Failure::from_class(c)).collect(),
+    };
+    explain_chain(&chain, ctx, &failures, out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the explanation of `chain`'s answers for `ctx`.
+pub fn explain_chain(
+    chain: &Chain,
+    ctx: &Context,
+    failures: &[Failure],
+    out: &mut String,
+) -> std::fmt::Result {
+    writeln!(
+        out,
+        "domain {} via MX {} ({} of {}), attempt {}{}{}",
+        ctx.domain,
+        ctx.mx_host,
+        ctx.mx_index + 1,
+        ctx.mx_count,
+        ctx.attempt,
+        if ctx.requiretls { ", REQUIRETLS" } else { "" },
+        if ctx.tls_required_no { ", TLS-Required: No" } else { "" },
+    )?;
+    let plan = chain.plan(ctx);
+    writeln!(out, "chain:")?;
+    if plan.trace.is_empty() {
+        writeln!(out, "  (no policies configured)")?;
+    }
+    for (i, line) in plan.trace.iter().enumerate() {
+        writeln!(out, "  {}. {line}", i + 1)?;
+    }
+    for adjustment in &plan.adjustments {
+        writeln!(out, "host rule: {adjustment}")?;
+    }
+    match &plan.verdict {
+        Verdict::Require(requirement) => {
+            writeln!(out, "decision: {requirement} (decided by {})", plan.decider)?;
+        }
+        Verdict::Defer { code, reason } => {
+            writeln!(out, "decision: defer {code} {reason}")?;
+            return Ok(());
+        }
+    }
+    writeln!(out, "on failure:")?;
+    for failure in failures {
+        let response = chain.on_failure(&plan, ctx, failure);
+        write!(out, "  {:<26} -> {}", failure.class(), response.action)?;
+        for adjustment in &response.adjustments {
+            write!(out, " [host rule: {adjustment}]")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn state(cmd: StateCommand, out: &mut String) -> anyhow::Result<ExitCode> {
+    let (config_path, only, domain) = match &cmd {
+        StateCommand::List { config, policy } => (config, policy, None),
+        StateCommand::Reset { config, domain, policy } => (config, policy, Some(domain.as_str())),
+    };
+    let config = Config::load(config_path)?;
+    if let Some(name) = only
+        && !config.policies.iter().any(|p| &p.name == name)
+    {
+        bail!("{}: no policy named `{name}`", config_path.display());
+    }
+    for policy in config.policies.iter().filter(|p| only.as_ref().is_none_or(|n| *n == p.name)) {
+        let path = policy::state_path(&config.policy_engine.state_dir, &policy.name);
+        let store = policy::FileKv::open(&path)?;
+        match domain {
+            None => {
+                for (key, value) in store.entries() {
+                    writeln!(out, "{}\t{key}\t{value}", policy.name)?;
+                }
+            }
+            Some(domain) => {
+                let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+                for key in policy::kv::reset_domain(&store, &domain)? {
+                    writeln!(out, "{}: forgot {key}", policy.name)?;
+                }
+            }
+        }
+    }
+    if domain.is_some() && out.is_empty() {
+        writeln!(out, "nothing remembered about {}", domain.unwrap_or_default())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

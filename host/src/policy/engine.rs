@@ -1,0 +1,404 @@
+//! The wasmtime engine that runs policies: configuration, compilation with an on-disk cache,
+//! contract checking, and the epoch ticker that enforces deadlines.
+//!
+//! One engine serves every policy of the process. Compilation happens once per policy at
+//! startup or reload (and not even then when the cache has the artifact); every call gets a
+//! fresh store from the pooling allocator.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::{self, PolicyPre};
+use super::instance::{Limits, LoadedPolicy, Parts, PolicyFault, StoreState};
+use super::kv::KvStore;
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const TICK: Duration = Duration::from_millis(1);
+/// Largest memory cap a policy may ask for; the pooling allocator reserves slots this big.
+pub const MAX_MEMORY_LIMIT: usize = 512 << 20;
+/// Largest component accepted, checked before compiling.
+const MAX_COMPONENT_BYTES: usize = 64 << 20;
+
+/// Engine-wide settings.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Where compiled policies are cached (`None`: no cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Policy calls that may run at the same time (pool size).
+    pub max_concurrent_calls: u32,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { cache_dir: None, max_concurrent_calls: 128 }
+    }
+}
+
+/// Everything needed to load one policy.
+#[derive(Clone, Debug)]
+pub struct PolicySource {
+    /// The policy's name, used in logs, metrics and error messages.
+    pub name: String,
+    /// The component: binary, or component text (WAT).
+    pub bytes: Vec<u8>,
+    /// The `settings` table, as JSON.
+    pub settings: String,
+    /// Per-call limits.
+    pub limits: Limits,
+}
+
+/// Why a policy could not be loaded. Each error names the policy.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Reading the file failed.
+    #[error("policy `{name}`: cannot read {path}: {source}")]
+    Read {
+        /// Policy name.
+        name: String,
+        /// File.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a valid component (or are a core module).
+    #[error("policy `{name}`: not a valid WebAssembly component: {reason}")]
+    Invalid {
+        /// Policy name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The component does not implement the contract.
+    #[error(
+        "policy `{name}`: does not implement postwarden:policy@{}: {reason}",
+        bindings::VERSION
+    )]
+    Contract {
+        /// Policy name.
+        name: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// `configure` failed or faulted.
+    #[error("policy `{name}`: {fault}")]
+    Configure {
+        /// Policy name.
+        name: String,
+        /// The fault.
+        fault: PolicyFault,
+    },
+    /// The engine could not be built.
+    #[error("policy engine: {0}")]
+    Engine(String),
+}
+
+/// Where a compiled artifact came from (reported by `policy check` and tested: a second start
+/// must not recompile).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum CompileSource {
+    /// Compiled now with Cranelift.
+    Compiled,
+    /// Loaded from the on-disk cache.
+    Cache,
+}
+
+/// What `check` reports about a component.
+#[derive(Clone, Debug)]
+pub struct ComponentInfo {
+    /// Hex SHA-256 of the bytes.
+    pub sha256: String,
+    /// The contract version the component was built against.
+    pub contract_version: String,
+    /// Every import, by name.
+    pub imports: Vec<String>,
+    /// Whether the component imports WASI (it then gets the deny-by-default WASI).
+    pub imports_wasi: bool,
+    /// Where the compiled code came from.
+    pub source: CompileSource,
+    /// Time spent compiling or loading from cache.
+    pub load_time: Duration,
+}
+
+/// The process-wide policy engine.
+#[derive(Clone)]
+pub struct PolicyEngine {
+    engine: Engine,
+    linker: Arc<Linker<StoreState>>,
+    cache_dir: Option<PathBuf>,
+    _ticker: Arc<Ticker>,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine").field("cache_dir", &self.cache_dir).finish_non_exhaustive()
+    }
+}
+
+impl PolicyEngine {
+    /// Builds the engine: pooling allocator, epoch interruption, no component-model-async.
+    pub fn new(options: &EngineOptions) -> Result<Self, LoadError> {
+        let slots = options.max_concurrent_calls.max(1);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * 8)
+            .total_memories(slots * 2)
+            .total_tables(slots * 4)
+            .max_memory_size(MAX_MEMORY_LIMIT)
+            // Reset reused memory with memset instead of madvise: avoids page faults and
+            // cross-CPU TLB shootdowns on every fresh instance (research §4.4).
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10)
+            .pagemap_scan(Enabled::Auto);
+        let mut config = Config::new();
+        config
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .epoch_interruption(true)
+            .max_wasm_stack(512 << 10)
+            .wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        bindings::add_to_linker(&mut linker).map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| LoadError::Engine(format!("{e:#}")))?;
+        let ticker = Ticker::start(engine.clone());
+        Ok(PolicyEngine {
+            engine,
+            linker: Arc::new(linker),
+            cache_dir: options.cache_dir.clone(),
+            _ticker: Arc::new(ticker),
+        })
+    }
+
+    /// Compiles (or loads from cache) and checks a component without configuring it.
+    pub fn check(&self, name: &str, bytes: &[u8]) -> Result<ComponentInfo, LoadError> {
+        self.prepare(name, bytes).map(|(_, info)| info)
+    }
+
+    /// Loads a policy: compile or load from cache, check the contract, pre-instantiate, and run
+    /// `configure` with its settings.
+    pub fn load(
+        &self,
+        source: &PolicySource,
+        kv: Arc<dyn KvStore>,
+    ) -> Result<(LoadedPolicy, ComponentInfo), LoadError> {
+        let name = &source.name;
+        if source.limits.memory > MAX_MEMORY_LIMIT {
+            return Err(LoadError::Engine(format!(
+                "policy `{name}`: memory limit {} exceeds the maximum of {MAX_MEMORY_LIMIT} bytes",
+                source.limits.memory
+            )));
+        }
+        let (pre, info) = self.prepare(name, &source.bytes)?;
+        let parts = Parts {
+            name: Arc::from(name.as_str()),
+            pre,
+            engine: self.engine.clone(),
+            limits: source.limits,
+            kv,
+            sha256: info.sha256.clone(),
+        };
+        let policy = LoadedPolicy::configure(parts, &source.settings)
+            .map_err(|fault| LoadError::Configure { name: name.clone(), fault })?;
+        Ok((policy, info))
+    }
+
+    fn prepare(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(PolicyPre<StoreState>, ComponentInfo), LoadError> {
+        if bytes.len() > MAX_COMPONENT_BYTES {
+            return Err(LoadError::Invalid {
+                name: name.to_owned(),
+                reason: format!("{} bytes exceeds the limit of {MAX_COMPONENT_BYTES}", bytes.len()),
+            });
+        }
+        let started = std::time::Instant::now();
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let (component, source) = self.compile(name, bytes, &sha256)?;
+        let load_time = started.elapsed();
+        let contract = |reason: String| LoadError::Contract { name: name.to_owned(), reason };
+        let (contract_version, imports, imports_wasi) =
+            check_contract(&self.engine, &component).map_err(contract)?;
+        let instance_pre =
+            self.linker.instantiate_pre(&component).map_err(|e| contract(format!("{e:#}")))?;
+        let pre = PolicyPre::new(instance_pre).map_err(|e| contract(format!("{e:#}")))?;
+        let info =
+            ComponentInfo { sha256, contract_version, imports, imports_wasi, source, load_time };
+        Ok((pre, info))
+    }
+
+    /// Compiles `bytes`, going through the cache when one is configured. The cache key is the
+    /// content hash plus the engine's compatibility hash, so a wasmtime upgrade or a changed
+    /// setting never loads stale code.
+    fn compile(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<(Component, CompileSource), LoadError> {
+        let invalid = |e: wasmtime::Error| LoadError::Invalid {
+            name: name.to_owned(),
+            reason: describe_invalid(bytes, &e),
+        };
+        let Some(dir) = &self.cache_dir else {
+            return Ok((
+                Component::new(&self.engine, bytes).map_err(invalid)?,
+                CompileSource::Compiled,
+            ));
+        };
+        let path = self.cache_path(dir, sha256);
+        if path.exists() {
+            // SAFETY: `deserialize_file` trusts its input to be wasmtime output. The cache
+            // directory is the relay's own, written only below with `precompile_component`
+            // output (atomically, via rename), and the file name binds it to the content hash
+            // and this engine's compatibility hash.
+            #[allow(unsafe_code)]
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(component) => return Ok((component, CompileSource::Cache)),
+                Err(e) => {
+                    tracing::warn!(policy = name, path = %path.display(), "ignoring unusable cache entry: {e:#}")
+                }
+            }
+        }
+        let compiled = self.engine.precompile_component(bytes).map_err(invalid)?;
+        if let Err(e) = write_atomically(&path, &compiled) {
+            tracing::warn!(policy = name, path = %path.display(), "cannot cache compiled policy: {e}");
+        }
+        // SAFETY: `compiled` was produced by `precompile_component` on this very engine.
+        #[allow(unsafe_code)]
+        let component =
+            unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(invalid)?;
+        Ok((component, CompileSource::Compiled))
+    }
+
+    fn cache_path(&self, dir: &Path, sha256: &str) -> PathBuf {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut hasher = DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        dir.join(format!("{sha256}-{:016x}.cwasm", hasher.finish()))
+    }
+}
+
+/// Converts a deadline to epoch ticks, rounding up and adding one tick: the first tick may
+/// come at any moment after the store starts.
+pub(super) fn deadline_ticks(deadline: Duration) -> u64 {
+    let ticks = deadline.as_nanos().div_ceil(TICK.as_nanos());
+    u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+/// Checks exports and imports against the contract, naming what is wrong. Returns the contract
+/// version found, the import names and whether WASI is imported.
+fn check_contract(
+    engine: &Engine,
+    component: &Component,
+) -> Result<(String, Vec<String>, bool), String> {
+    let ty = component.component_type();
+    let exports: Vec<(String, bool)> = ty
+        .exports(engine)
+        .map(|(name, item)| (name.to_owned(), matches!(item.ty, ComponentItem::ComponentFunc(_))))
+        .collect();
+    for wanted in bindings::EXPORTS {
+        match exports.iter().find(|(name, _)| name == wanted) {
+            Some((_, true)) => {}
+            Some((_, false)) => return Err(format!("export `{wanted}` is not a function")),
+            None => {
+                let found: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(format!(
+                    "missing export `{wanted}` (the component exports: {})",
+                    if found.is_empty() { "nothing".to_owned() } else { found.join(", ") }
+                ));
+            }
+        }
+    }
+    let mut version = None;
+    let mut imports = Vec::new();
+    let mut wasi = false;
+    for (name, _) in ty.imports(engine) {
+        imports.push(name.to_owned());
+        if name.starts_with("wasi:") {
+            wasi = true;
+            continue;
+        }
+        let Some(rest) = name.strip_prefix(bindings::PACKAGE).and_then(|r| r.strip_prefix('/'))
+        else {
+            return Err(format!(
+                "imports `{name}`, which a policy may not use (only {}/* and wasi:*)",
+                bindings::PACKAGE
+            ));
+        };
+        let (_, found) = rest.split_once('@').unwrap_or((rest, ""));
+        if !found.starts_with("0.1.") {
+            return Err(format!(
+                "built against {}@{found}, but this relay speaks {}",
+                bindings::PACKAGE,
+                bindings::VERSION
+            ));
+        }
+        version = Some(found.to_owned());
+    }
+    Ok((version.unwrap_or_else(|| bindings::VERSION.to_owned()), imports, wasi))
+}
+
+/// Says what is wrong with bytes wasmtime refused, with a hint for the common mistake of
+/// handing over a core module instead of a component.
+fn describe_invalid(bytes: &[u8], error: &wasmtime::Error) -> String {
+    let core_module = bytes.starts_with(b"\0asm\x01\0\0\0");
+    let first = format!("{error:#}");
+    if core_module {
+        format!(
+            "{first} (this is a core module; build a component, e.g. for wasm32-wasip2, or wrap it with `wasm-tools component new`)"
+        )
+    } else {
+        first
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Advances the engine's epoch every [`TICK`] on a background thread, until dropped.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new().name("policy-epoch".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(TICK);
+                engine.increment_epoch();
+            }
+        });
+        if let Err(e) = spawned {
+            // Without the ticker no deadline fires, and a looping policy would hang its caller.
+            // Refusing to run is the only fail-closed answer.
+            panic!("cannot start the policy epoch thread: {e}");
+        }
+        Ticker { stop }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,359 @@
+//! One loaded policy: its pre-instantiated component, its table and store, and the calls into
+//! it, each in a fresh `Store` under a deadline and a memory cap.
+//!
+//! A fresh store per call costs a few microseconds with the pooling allocator and buys what a
+//! reused instance cannot: no state leaks between messages, and a trap poisons nothing (a
+//! component instance cannot be entered again after a trap).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{self, PolicyPre};
+use super::kv::KvStore;
+use super::types::{Action, Context, Decision, DeliveryReport, Failure};
+
+/// Lines a single call may log; more are dropped (a policy must not flood the log).
+const MAX_LOG_LINES: usize = 32;
+/// Longest log line kept, in bytes.
+const MAX_LOG_LINE: usize = 1024;
+/// Bytes of WASI stdout/stderr captured per call.
+const MAX_STDIO: usize = 16 * 1024;
+/// Table entries a policy may create in `configure`.
+const MAX_TABLE_ENTRIES: usize = 2_000_000;
+
+/// Resource limits applied to every call into a policy.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Limits {
+    /// Wall-clock budget per call, enforced by epoch interruption (1 ms resolution).
+    pub deadline: Duration,
+    /// Largest linear memory, in bytes.
+    pub memory: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { deadline: Duration::from_millis(10), memory: 16 << 20 }
+    }
+}
+
+/// Why a call into a policy did not produce a usable answer. Every fault makes the relay defer.
+#[derive(Clone, Debug, Eq, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyFault {
+    /// The guest trapped (including an abort after a failed allocation it did not attribute to
+    /// the memory cap).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The call ran past its deadline and was interrupted.
+    #[error("exceeded its deadline of {0:?}")]
+    Deadline(Duration),
+    /// The guest tried to grow its memory beyond the cap.
+    #[error("exceeded its memory limit of {0} bytes")]
+    MemoryLimit(usize),
+    /// The guest answered something the contract does not allow here.
+    #[error("returned an invalid answer: {0}")]
+    Invalid(String),
+    /// `configure` rejected the settings.
+    #[error("rejected its settings: {0}")]
+    Configure(String),
+}
+
+impl PolicyFault {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PolicyFault::Trap(_) => "trap",
+            PolicyFault::Deadline(_) => "deadline",
+            PolicyFault::MemoryLimit(_) => "memory",
+            PolicyFault::Invalid(_) => "invalid",
+            PolicyFault::Configure(_) => "configure",
+        }
+    }
+}
+
+/// Counters for one policy, read by metrics and tests.
+#[derive(Debug, Default)]
+pub struct PolicyStats {
+    /// Calls made (configure, plan, on-failure, on-delivered).
+    pub calls: AtomicU64,
+    /// Faults, as counted by the chain (including answers it found invalid).
+    pub faults: AtomicU64,
+}
+
+/// A policy ready to be called: compiled, linked, pre-instantiated and configured.
+pub struct LoadedPolicy {
+    name: Arc<str>,
+    pre: PolicyPre<StoreState>,
+    engine: wasmtime::Engine,
+    limits: Limits,
+    table: Arc<HashMap<String, String>>,
+    kv: Arc<dyn KvStore>,
+    stats: Arc<PolicyStats>,
+    sha256: String,
+}
+
+impl std::fmt::Debug for LoadedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPolicy")
+            .field("name", &self.name)
+            .field("limits", &self.limits)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `LoadedPolicy::new` needs; built by the engine.
+pub(super) struct Parts {
+    pub name: Arc<str>,
+    pub pre: PolicyPre<StoreState>,
+    pub engine: wasmtime::Engine,
+    pub limits: Limits,
+    pub kv: Arc<dyn KvStore>,
+    pub sha256: String,
+}
+
+impl LoadedPolicy {
+    /// Runs `configure` with `settings` (JSON) and returns the configured policy.
+    pub(super) fn configure(parts: Parts, settings: &str) -> Result<Self, PolicyFault> {
+        let mut policy = LoadedPolicy {
+            name: parts.name,
+            pre: parts.pre,
+            engine: parts.engine,
+            limits: parts.limits,
+            table: Arc::new(HashMap::new()),
+            kv: parts.kv,
+            stats: Arc::default(),
+            sha256: parts.sha256,
+        };
+        let settings = settings.to_owned();
+        let (result, state) =
+            policy.call(true, |bindings, store| bindings.call_configure(store, &settings));
+        let result = result?;
+        result.map_err(PolicyFault::Configure)?;
+        policy.table = Arc::new(state.table_writes.unwrap_or_default());
+        Ok(policy)
+    }
+
+    /// The policy's name from the relay config.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Hex SHA-256 of the component's bytes.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The limits every call runs under.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The policy's persistent store.
+    pub fn kv(&self) -> &Arc<dyn KvStore> {
+        &self.kv
+    }
+
+    /// Call and fault counters.
+    pub fn stats(&self) -> &PolicyStats {
+        &self.stats
+    }
+
+    /// Calls `plan`. Returns the decision and the lines the policy logged.
+    pub fn plan(&self, ctx: &Context) -> (Result<Decision, PolicyFault>, Vec<String>) {
+        let ctx = bindings::context(ctx);
+        let (result, state) = self.call(false, |b, store| b.call_plan(store, &ctx));
+        (result.map(bindings::decision), state.logs)
+    }
+
+    /// Calls `on-failure`. Returns the action and the lines the policy logged.
+    pub fn on_failure(
+        &self,
+        ctx: &Context,
+        failure: &Failure,
+    ) -> (Result<Action, PolicyFault>, Vec<String>) {
+        let wit_ctx = bindings::context(ctx);
+        let wit_failure = bindings::failure(failure);
+        let (result, state) =
+            self.call(false, |b, store| b.call_on_failure(store, &wit_ctx, &wit_failure));
+        (result.map(|a| bindings::action(a, failure)), state.logs)
+    }
+
+    /// Calls `on-delivered`.
+    pub fn on_delivered(&self, ctx: &Context, report: &DeliveryReport) -> Result<(), PolicyFault> {
+        let ctx = bindings::context(ctx);
+        let report = bindings::report(report);
+        self.call(false, |b, store| b.call_on_delivered(store, &ctx, &report)).0
+    }
+
+    /// Instantiates the component in a fresh store and runs `f` under the limits. Returns the
+    /// store's state too, so callers can collect logs and table writes.
+    fn call<R>(
+        &self,
+        configuring: bool,
+        f: impl FnOnce(&bindings::PolicyBindings, &mut Store<StoreState>) -> wasmtime::Result<R>,
+    ) -> (Result<R, PolicyFault>, StoreState) {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let state = StoreState {
+            name: self.name.clone(),
+            table: self.table.clone(),
+            table_writes: configuring.then(HashMap::new),
+            kv: self.kv.clone(),
+            logs: Vec::new(),
+            limiter: Limiter { max_memory: self.limits.memory, exceeded: false },
+            // Created on the guest's first WASI call: most calls make none, and building a
+            // WASI context would double the cost of a decision.
+            wasi: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(super::engine::deadline_ticks(self.limits.deadline));
+        store.epoch_deadline_trap();
+
+        let result = self.pre.instantiate(&mut store).and_then(|bindings| f(&bindings, &mut store));
+        let mut state = store.into_data();
+        state.flush_stdio();
+        (result.map_err(|e| self.classify(&state, e)), state)
+    }
+
+    fn classify(&self, state: &StoreState, error: wasmtime::Error) -> PolicyFault {
+        if state.limiter.exceeded {
+            return PolicyFault::MemoryLimit(self.limits.memory);
+        }
+        if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return PolicyFault::Deadline(self.limits.deadline);
+        }
+        // The first line names the trap; the rest is a backtrace.
+        let text = format!("{error:#}");
+        PolicyFault::Trap(text.lines().next().unwrap_or_default().to_owned())
+    }
+}
+
+/// The data of one store: everything the host imports need during one call.
+pub(crate) struct StoreState {
+    name: Arc<str>,
+    pub(super) table: Arc<HashMap<String, String>>,
+    table_writes: Option<HashMap<String, String>>,
+    pub(super) kv: Arc<dyn KvStore>,
+    logs: Vec<String>,
+    limiter: Limiter,
+    wasi: Option<WasiState>,
+}
+
+impl StoreState {
+    /// Records a line the policy logged and forwards it to the relay's log.
+    pub(super) fn log(&mut self, level: tracing::Level, mut message: String) {
+        if self.logs.len() >= MAX_LOG_LINES {
+            return;
+        }
+        if message.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let policy = &*self.name;
+        match level {
+            tracing::Level::ERROR => tracing::error!(policy, "{message}"),
+            tracing::Level::WARN => tracing::warn!(policy, "{message}"),
+            tracing::Level::INFO => tracing::info!(policy, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(policy, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(policy, "{message}"),
+        }
+        self.logs.push(message);
+    }
+
+    pub(super) fn table_put(&mut self, key: String, value: String) {
+        match &mut self.table_writes {
+            Some(table) if table.len() < MAX_TABLE_ENTRIES || table.contains_key(&key) => {
+                table.insert(key, value);
+            }
+            Some(_) => self.log(tracing::Level::WARN, "table-put dropped: table full".into()),
+            None => self.log(
+                tracing::Level::WARN,
+                format!("table-put `{key}` ignored: only allowed during configure"),
+            ),
+        }
+    }
+
+    /// Moves whatever the guest wrote to WASI stdout/stderr into the log.
+    fn flush_stdio(&mut self) {
+        let Some(wasi) = &self.wasi else { return };
+        let captured = [wasi.stdout.contents(), wasi.stderr.contents()];
+        for bytes in captured {
+            for line in String::from_utf8_lossy(&bytes).lines().filter(|l| !l.is_empty()) {
+                self.log(tracing::Level::INFO, format!("stdio: {line}"));
+            }
+        }
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        let wasi = self.wasi.get_or_insert_with(WasiState::deny_all);
+        WasiCtxView { ctx: &mut wasi.ctx, table: &mut wasi.table }
+    }
+}
+
+/// A deny-by-default WASI: no preopened directories, no sockets, no name lookups, empty
+/// environment and arguments, closed stdin, stdout/stderr captured (bounded) into the log.
+struct WasiState {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+impl WasiState {
+    fn deny_all() -> Self {
+        let stdout = MemoryOutputPipe::new(MAX_STDIO);
+        let stderr = MemoryOutputPipe::new(MAX_STDIO);
+        let ctx = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        WasiState { ctx, table: ResourceTable::new(), stdout, stderr }
+    }
+}
+
+/// Caps linear memory per store and remembers whether the cap was hit, so that the trap that
+/// follows (an allocator abort, usually) is reported as what it is.
+struct Limiter {
+    max_memory: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}

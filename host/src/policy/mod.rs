@@ -1,0 +1,126 @@
+//! The policy engine: WebAssembly components decide the TLS requirement of every delivery.
+//!
+//! # Layout
+//! - [`types`]: the relay's own view of the contract's values.
+//! - [`engine`]: the wasmtime engine, compilation and its cache, contract checks, deadlines.
+//! - [`instance`]: one loaded policy and the calls into it (fresh store per call, limits,
+//!   fault classification).
+//! - [`chain`]: the ordered chain, fail-closed handling and the host's overriding rules.
+//! - [`kv`]: the per-policy persistent store.
+//! - `bindings` (private): `bindgen!` output and conversions.
+
+mod bindings;
+pub mod chain;
+pub mod engine;
+pub mod instance;
+pub mod kv;
+pub mod types;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use chain::{Chain, Decider, Plan, Response, Verdict};
+pub use engine::{
+    CompileSource, ComponentInfo, EngineOptions, LoadError, PolicyEngine, PolicySource,
+};
+pub use instance::{Limits, LoadedPolicy, PolicyFault};
+pub use kv::{FileKv, KvStore, MemoryKv};
+pub use types::{
+    Action, Context, Decision, DeliveryReport, Failure, Requirement, TlsLevel, TlsVersion,
+};
+
+use crate::config::{Config, PolicyConfig};
+
+/// How policy state is kept when loading a chain.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum StateMode {
+    /// Persistent files under the configured state directory.
+    Persistent,
+    /// A copy in memory of the persistent state (`policy explain`: looking reads what the
+    /// policies remember but must not change it).
+    Snapshot,
+}
+
+/// Builds the engine described by `config`.
+pub fn engine_from_config(config: &Config) -> Result<PolicyEngine, LoadError> {
+    PolicyEngine::new(&EngineOptions {
+        cache_dir: Some(config.policy_engine.cache_dir.clone()),
+        max_concurrent_calls: config.policy_engine.max_concurrent_calls,
+    })
+}
+
+/// Loads every policy of `config`, in order, into a chain. Fails on the first policy that
+/// cannot be read, does not match its pinned hash, violates the contract or rejects its
+/// settings; the error names the policy.
+pub fn load_chain(
+    engine: &PolicyEngine,
+    config: &Config,
+    state: StateMode,
+) -> Result<Chain, LoadError> {
+    let mut policies = Vec::with_capacity(config.policies.len());
+    for policy in &config.policies {
+        let source = read_source(policy)?;
+        if let Some(pin) = &policy.sha256 {
+            let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&source.bytes));
+            if !pin.eq_ignore_ascii_case(&actual) {
+                return Err(LoadError::Invalid {
+                    name: policy.name.clone(),
+                    reason: format!("sha256 is {actual}, but the config pins {pin}"),
+                });
+            }
+        }
+        let kv: Arc<dyn KvStore> = match state {
+            StateMode::Persistent => Arc::new(open_state(config, policy)?),
+            StateMode::Snapshot => {
+                let snapshot = MemoryKv::default();
+                for (key, value) in open_state(config, policy)?.entries() {
+                    // Entries of a valid file are within the limits.
+                    let _ = snapshot.set(&key, &value);
+                }
+                Arc::new(snapshot)
+            }
+        };
+        let (loaded, info) = engine.load(&source, kv)?;
+        tracing::info!(
+            policy = %policy.name,
+            sha256 = %info.sha256,
+            source = ?info.source,
+            load_ms = info.load_time.as_secs_f64() * 1000.0,
+            "policy loaded"
+        );
+        policies.push(Arc::new(loaded));
+    }
+    Ok(Chain::new(
+        policies,
+        config.policy_engine.default_level,
+        config.policy_engine.honor_tls_required_no,
+    ))
+}
+
+/// The state file of policy `name` under `dir`.
+pub fn state_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.json"))
+}
+
+fn open_state(config: &Config, policy: &PolicyConfig) -> Result<FileKv, LoadError> {
+    FileKv::open(state_path(&config.policy_engine.state_dir, &policy.name)).map_err(|e| {
+        LoadError::Configure {
+            name: policy.name.clone(),
+            fault: PolicyFault::Configure(format!("state store: {e}")),
+        }
+    })
+}
+
+fn read_source(policy: &PolicyConfig) -> Result<PolicySource, LoadError> {
+    let bytes = std::fs::read(&policy.path).map_err(|source| LoadError::Read {
+        name: policy.name.clone(),
+        path: policy.path.clone(),
+        source,
+    })?;
+    Ok(PolicySource {
+        name: policy.name.clone(),
+        bytes,
+        settings: policy.settings_json(),
+        limits: policy.limits(),
+    })
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every check and test from a fresh clone: installs the wasm target, builds the policies
+# to wasm components, then formatting, lints and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rustup target add wasm32-wasip2 >/dev/null
+# Build the policy components first: the tests load them (and rebuild them if stale).
+cargo build --locked --profile policy --target wasm32-wasip2 \
+    -p opportunistic -p forced-tls -p postfix-map -p tofu -p broken-policy
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace

@@ -1,0 +1,410 @@
+#![allow(clippy::unwrap_used)]
+
+//! The policy engine through real wasm: bundled policies, the chain rule, the host's overriding
+//! rules, caching, persistence, and fail-closed behaviour with deliberately broken policies.
+
+use postwarden::policy::{
+    Action, CompileSource, Context, Decider, DeliveryReport, Failure, LoadError, PolicyEngine,
+    PolicyFault, Requirement, TlsLevel, TlsVersion, Verdict,
+};
+use postwarden_tests::{chains, wasm};
+
+fn ctx(domain: &str) -> Context {
+    Context::new(domain, &format!("mx.{domain}"))
+}
+
+fn level(verdict: &Verdict) -> TlsLevel {
+    match verdict {
+        Verdict::Require(r) => r.level,
+        Verdict::Defer { code, reason } => {
+            panic!("expected a requirement, got defer {code} {reason}")
+        }
+    }
+}
+
+const FORCED_THEN_OPPORTUNISTIC: &str = r#"
+[[policy]]
+name = "forced"
+path = "{wasm:forced-tls}"
+[policy.settings.domains]
+"bank.example" = "verify"
+".bank.example" = { level = "secure", match = [".bank.example"] }
+
+[[policy]]
+name = "opportunistic"
+path = "{wasm:opportunistic}"
+"#;
+
+#[test]
+fn first_non_abstaining_policy_decides_and_handles_failures() {
+    let (chain, _engine, _dir) = chains::load(FORCED_THEN_OPPORTUNISTIC).unwrap();
+
+    let plan = chain.plan(&ctx("bank.example"));
+    assert_eq!(plan.verdict, Verdict::Require(Requirement::new(TlsLevel::Verify)));
+    assert_eq!(plan.decider, Decider::Policy("forced".into()));
+    let response = chain.on_failure(&plan, &ctx("bank.example"), &Failure::StarttlsNotOffered);
+    assert_eq!(
+        response.action,
+        Action::defer("4.7.4", "TLS is required, but was not offered by mx.bank.example")
+    );
+
+    let plan = chain.plan(&ctx("mx1.bank.example"));
+    let Verdict::Require(r) = &plan.verdict else { panic!() };
+    assert_eq!(
+        (r.level, r.match_names.as_slice()),
+        (TlsLevel::Secure, &[".bank.example".to_owned()][..])
+    );
+
+    let plan = chain.plan(&ctx("example.org"));
+    assert_eq!(level(&plan.verdict), TlsLevel::May);
+    assert_eq!(plan.decider, Decider::Policy("opportunistic".into()));
+    assert_eq!(plan.trace, ["forced: abstain", "opportunistic: may"]);
+    let response = chain.on_failure(&plan, &ctx("example.org"), &Failure::StarttlsNotOffered);
+    assert_eq!(response.action, Action::ContinuePlaintext);
+    let response =
+        chain.on_failure(&plan, &ctx("example.org"), &Failure::HandshakeFailed("x".into()));
+    assert_eq!(response.action, Action::ReconnectPlaintext);
+}
+
+#[test]
+fn forced_tls_tries_next_mx_then_defers_with_475() {
+    let (chain, _engine, _dir) = chains::load(FORCED_THEN_OPPORTUNISTIC).unwrap();
+    let mut ctx = ctx("bank.example");
+    ctx.mx_count = 2;
+    let plan = chain.plan(&ctx);
+    let failure = Failure::CertificateExpired("expired".into());
+    assert_eq!(chain.on_failure(&plan, &ctx, &failure).action, Action::NextMx);
+    ctx.mx_index = 1;
+    match chain.on_failure(&plan, &ctx, &failure).action {
+        Action::Defer { code, reason } => {
+            assert_eq!(code, "4.7.5");
+            assert!(reason.contains("certificate-expired"), "{reason}");
+        }
+        other => panic!("expected defer, got {other}"),
+    }
+}
+
+#[test]
+fn all_abstain_gives_the_configured_default() {
+    let toml = r#"
+[policy_engine]
+cache_dir = "cache"
+state_dir = "state"
+default_level = "encrypt"
+
+[[policy]]
+name = "forced"
+path = "{wasm:forced-tls}"
+settings = { domains = { "bank.example" = "verify" } }
+"#;
+    let (chain, _engine, _dir) = chains::load(toml).unwrap();
+    let plan = chain.plan(&ctx("example.org"));
+    assert_eq!((plan.decider.clone(), level(&plan.verdict)), (Decider::Default, TlsLevel::Encrypt));
+    let response = chain.on_failure(&plan, &ctx("example.org"), &Failure::StarttlsNotOffered);
+    assert!(
+        matches!(response.action, Action::Defer { ref code, .. } if code == "4.7.4"),
+        "{}",
+        response.action
+    );
+}
+
+#[test]
+fn postfix_map_pasted_table_decides_like_postfix() {
+    let toml = r#"
+[[policy]]
+name = "postfix"
+path = "{wasm:postfix-map}"
+[policy.settings]
+map = """
+example.com      encrypt
+.example.net     verify match=hostname:nexthop
+[mx.legacy.example] none
+"""
+"#;
+    let (chain, _engine, _dir) = chains::load(toml).unwrap();
+    assert_eq!(level(&chain.plan(&ctx("example.com")).verdict), TlsLevel::Encrypt);
+    let plan = chain.plan(&ctx("a.example.net"));
+    let Verdict::Require(r) = &plan.verdict else { panic!() };
+    assert_eq!(r.match_names, ["mx.a.example.net", "a.example.net"]);
+    assert_eq!(
+        level(&chain.plan(&Context::new("legacy.example", "mx.legacy.example")).verdict),
+        TlsLevel::None
+    );
+    assert_eq!(chain.plan(&ctx("other.example")).decider, Decider::Default);
+
+    let bad = r#"
+[[policy]]
+name = "postfix"
+path = "{wasm:postfix-map}"
+settings = { map = "example.com encrypt ciphers=high" }
+"#;
+    let err = chains::load(bad).err().unwrap().to_string();
+    assert!(
+        err.contains("policy `postfix`") && err.contains("attribute `ciphers` is not supported"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tofu_learns_from_any_delivery_and_remembers_across_restarts() {
+    let toml = r#"
+[[policy]]
+name = "tofu"
+path = "{wasm:tofu}"
+
+[[policy]]
+name = "opportunistic"
+path = "{wasm:opportunistic}"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, _engine) = chains::load_in(toml, dir.path()).unwrap();
+    let ctx = ctx("example.org");
+    let plan = chain.plan(&ctx);
+    assert_eq!(plan.decider, Decider::Policy("opportunistic".into()));
+    chain.on_delivered(
+        &ctx,
+        &DeliveryReport {
+            requirement: Requirement::new(TlsLevel::May),
+            tls_version: Some(TlsVersion::Tls13),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+            certificate_verified: true,
+        },
+    );
+    let plan = chain.plan(&ctx);
+    assert_eq!(
+        (plan.decider.clone(), level(&plan.verdict)),
+        (Decider::Policy("tofu".into()), TlsLevel::Verify)
+    );
+    drop(chain);
+
+    let (chain, _engine) = chains::load_in(toml, dir.path()).unwrap();
+    let plan = chain.plan(&ctx);
+    assert_eq!(level(&plan.verdict), TlsLevel::Verify, "forgotten after restart");
+    let response = chain.on_failure(&plan, &ctx, &Failure::StarttlsNotOffered);
+    assert!(
+        matches!(response.action, Action::Defer { .. }),
+        "downgrade allowed: {}",
+        response.action
+    );
+
+    let removed =
+        postwarden::policy::kv::reset_domain(chain.policies()[0].kv().as_ref(), "example.org")
+            .unwrap();
+    assert_eq!(removed, ["example.org"]);
+    assert_eq!(chain.plan(&ctx).decider, Decider::Policy("opportunistic".into()));
+}
+
+#[test]
+fn requiretls_is_enforced_whatever_the_policy_says() {
+    let (chain, _engine, _dir) = chains::load(FORCED_THEN_OPPORTUNISTIC).unwrap();
+    let mut ctx = ctx("example.org");
+    ctx.requiretls = true;
+    let plan = chain.plan(&ctx);
+    assert_eq!(level(&plan.verdict), TlsLevel::Verify);
+    assert_eq!(plan.adjustments, ["REQUIRETLS raised may to verify"]);
+    // The opportunistic policy answers plaintext; the host refuses it.
+    let response = chain.on_failure(&plan, &ctx, &Failure::StarttlsNotOffered);
+    assert!(
+        matches!(response.action, Action::Bounce { ref code, .. } if code == "5.7.30"),
+        "{}",
+        response.action
+    );
+    ctx.mx_count = 2;
+    assert_eq!(chain.on_failure(&plan, &ctx, &Failure::StarttlsNotOffered).action, Action::NextMx);
+}
+
+#[test]
+fn tls_required_no_relaxes_forced_to_opportunistic() {
+    let (chain, _engine, _dir) = chains::load(FORCED_THEN_OPPORTUNISTIC).unwrap();
+    let mut ctx = ctx("bank.example");
+    ctx.tls_required_no = true;
+    let plan = chain.plan(&ctx);
+    assert_eq!(level(&plan.verdict), TlsLevel::May);
+    let response = chain.on_failure(&plan, &ctx, &Failure::StarttlsNotOffered);
+    assert_eq!(response.action, Action::ContinuePlaintext);
+}
+
+fn broken(mode: &str) -> String {
+    format!(
+        r#"
+[[policy]]
+name = "broken"
+path = "{{wasm:broken-policy}}"
+deadline_ms = 20
+memory_limit_mib = 16
+settings = {{ mode = "{mode}" }}
+
+[[policy]]
+name = "opportunistic"
+path = "{{wasm:opportunistic}}"
+"#
+    )
+}
+
+/// Each fault must defer with 4.7.0 naming the policy, never fall through to the next
+/// (opportunistic) policy, and leave the engine usable.
+#[test]
+fn faulty_policies_fail_closed_and_the_relay_keeps_working() {
+    let cases = [
+        ("trap", "trapped"),
+        ("loop", "exceeded its deadline of 20ms"),
+        ("memory", "exceeded its memory limit of 16777216 bytes"),
+        ("bad-name", "returned an invalid answer: match name \"not a name!\""),
+    ];
+    for (mode, expected) in cases {
+        let (chain, _engine, _dir) = chains::load(&broken(mode)).unwrap();
+        for attempt in 0..2 {
+            let plan = chain.plan(&ctx("example.org"));
+            match &plan.verdict {
+                Verdict::Defer { code, reason } => {
+                    assert_eq!(code, "4.7.0", "{mode}");
+                    assert!(
+                        reason.starts_with("policy `broken` ") && reason.contains(expected),
+                        "{mode}: {reason}"
+                    );
+                }
+                other => panic!("{mode} attempt {attempt}: expected defer, got {other:?}"),
+            }
+        }
+        let broken = &chain.policies()[0];
+        assert_eq!(broken.stats().faults.load(std::sync::atomic::Ordering::Relaxed), 2, "{mode}");
+        assert_eq!(chain.counters().faults.load(std::sync::atomic::Ordering::Relaxed), 2, "{mode}");
+        // The other policy, on the same engine, still answers.
+        let (result, _) = chain.policies()[1].plan(&ctx("example.org"));
+        assert_eq!(
+            result,
+            Ok(postwarden::policy::Decision::Require(Requirement::new(TlsLevel::May))),
+            "{mode}"
+        );
+    }
+}
+
+#[test]
+fn invalid_failure_actions_defer() {
+    let (chain, _engine, _dir) = chains::load(&broken("forced-plaintext")).unwrap();
+    let plan = chain.plan(&ctx("example.org"));
+    assert_eq!(level(&plan.verdict), TlsLevel::Encrypt);
+    let response = chain.on_failure(&plan, &ctx("example.org"), &Failure::StarttlsNotOffered);
+    match response.action {
+        Action::Defer { code, reason } => {
+            assert_eq!(code, "4.7.0");
+            assert!(
+                reason.contains("reconnect-plaintext under a forced requirement (encrypt)"),
+                "{reason}"
+            );
+        }
+        other => panic!("forced policy fell back to plaintext: {other}"),
+    }
+
+    let (chain, _engine, _dir) = chains::load(&broken("continue-after-handshake")).unwrap();
+    let plan = chain.plan(&ctx("example.org"));
+    assert_eq!(
+        chain.on_failure(&plan, &ctx("example.org"), &Failure::StarttlsNotOffered).action,
+        Action::ContinuePlaintext
+    );
+    let response =
+        chain.on_failure(&plan, &ctx("example.org"), &Failure::HandshakeFailed("x".into()));
+    assert!(
+        matches!(&response.action, Action::Defer { reason, .. } if reason.contains("continue-plaintext after handshake-failed")),
+        "{}",
+        response.action
+    );
+}
+
+#[test]
+fn configure_error_stops_loading_with_the_policy_named() {
+    let err = chains::load(&broken("configure-error")).err().unwrap();
+    let err = err.downcast::<LoadError>().unwrap();
+    assert!(
+        matches!(&err, LoadError::Configure { name, fault: PolicyFault::Configure(_) } if name == "broken"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("mode `configure-error` refuses every configuration"),
+        "{err}"
+    );
+
+    let bad_settings = r#"
+[[policy]]
+name = "forced"
+path = "{wasm:forced-tls}"
+settings = { domain = { "a.example" = "verify" } }
+"#;
+    let err = chains::load(bad_settings).err().unwrap().to_string();
+    assert!(err.contains("policy `forced`") && err.contains("unknown field `domain`"), "{err}");
+}
+
+#[test]
+fn wasi_is_denied_by_default() {
+    let (chain, _engine, _dir) = chains::load(&broken("escape")).unwrap();
+    let (decision, logs) = chain.policies()[0].plan(&ctx("example.org"));
+    assert_eq!(
+        decision,
+        Ok(postwarden::policy::Decision::Require(Requirement::new(TlsLevel::Encrypt))),
+        "the guest reached something: {logs:?}"
+    );
+    let logs = logs.join("\n");
+    for expected in [
+        "file read denied",
+        "directory listing denied",
+        "socket denied",
+        "stdio: stdout is captured",
+    ] {
+        assert!(logs.contains(expected), "missing `{expected}` in:\n{logs}");
+    }
+}
+
+#[test]
+fn wrong_world_is_rejected_naming_the_missing_export() {
+    let engine = PolicyEngine::new(&Default::default()).unwrap();
+    let wrong = br#"(component
+        (core module $m (func (export "f") (result i32) i32.const 1))
+        (core instance $i (instantiate $m))
+        (func (export "plan") (result u32) (canon lift (core func $i "f")))
+    )"#;
+    let err = engine.check("wrong", wrong).unwrap_err().to_string();
+    assert!(err.contains("policy `wrong`") && err.contains("missing export `configure`"), "{err}");
+    assert!(err.contains("the component exports: plan"), "{err}");
+
+    let core = b"\0asm\x01\0\0\0";
+    let err = engine.check("core", core).unwrap_err().to_string();
+    assert!(err.contains("this is a core module"), "{err}");
+
+    let garbage = b"definitely not wasm";
+    let err = engine.check("garbage", garbage).unwrap_err().to_string();
+    assert!(err.contains("policy `garbage`: not a valid WebAssembly component"), "{err}");
+}
+
+#[test]
+fn a_second_start_loads_compiled_code_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(wasm::policy("forced-tls")).unwrap();
+    let options = postwarden::policy::EngineOptions {
+        cache_dir: Some(dir.path().to_owned()),
+        ..Default::default()
+    };
+    let first = PolicyEngine::new(&options).unwrap().check("forced", &bytes).unwrap();
+    assert_eq!(first.source, CompileSource::Compiled);
+    let second = PolicyEngine::new(&options).unwrap().check("forced", &bytes).unwrap();
+    assert_eq!(second.source, CompileSource::Cache);
+    assert!(second.load_time < first.load_time);
+
+    // A corrupt cache entry is ignored and replaced, never trusted.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::write(entry.unwrap().path(), b"garbage").unwrap();
+    }
+    let third = PolicyEngine::new(&options).unwrap().check("forced", &bytes).unwrap();
+    assert_eq!(third.source, CompileSource::Compiled);
+}
+
+#[test]
+fn sha256_pin_mismatch_is_refused() {
+    let toml = r#"
+[[policy]]
+name = "forced"
+path = "{wasm:forced-tls}"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+"#;
+    let err = chains::load(toml).err().unwrap().to_string();
+    assert!(err.contains("policy `forced`") && err.contains("but the config pins 0000"), "{err}");
+}
