@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rustup target add wasm32-wasip2 >/dev/null
-cargo build --locked --quiet --profile policy --target wasm32-wasip2 \
+rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
+cargo build --locked --quiet --profile policy --target wasm32-unknown-unknown \
     -p opportunistic -p forced-tls -p postfix-map -p tofu
 cargo build --locked --quiet --release -p postwarden
 for domain in bank.example mx1.bank.example partner.example example.com legacy.example example.org; do

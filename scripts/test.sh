@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rustup target add wasm32-wasip2 >/dev/null
+rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
 # Build the policy components first: the tests load them (and rebuild them if stale).
-cargo build --locked --profile policy --target wasm32-wasip2 \
-    -p opportunistic -p forced-tls -p postfix-map -p tofu -p broken-policy
+cargo build --locked --profile policy --target wasm32-unknown-unknown \
+    -p opportunistic -p forced-tls -p postfix-map -p tofu
+cargo build --locked --profile policy --target wasm32-wasip2 -p broken-policy
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace

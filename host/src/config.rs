@@ -75,6 +75,12 @@ pub struct PolicyConfig {
     /// Memory cap per call, in MiB (default 16).
     #[serde(default = "default_memory_mib")]
     pub memory_limit_mib: u64,
+    /// Deadline of `configure`, which runs once at load, in milliseconds (default 1000).
+    #[serde(default = "default_configure_deadline_ms")]
+    pub configure_deadline_ms: u64,
+    /// Memory cap of `configure`, in MiB (default 256): enough to parse large tables.
+    #[serde(default = "default_configure_memory_mib")]
+    pub configure_memory_limit_mib: u64,
     /// The policy's own settings, handed to its `configure` as JSON.
     #[serde(default)]
     pub settings: toml::Table,
@@ -88,10 +94,12 @@ impl PolicyConfig {
 
     /// The per-call limits.
     pub fn limits(&self) -> Limits {
+        let mib = |n: u64| usize::try_from(n.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         Limits {
             deadline: Duration::from_millis(self.deadline_ms),
-            memory: usize::try_from(self.memory_limit_mib.saturating_mul(1 << 20))
-                .unwrap_or(usize::MAX),
+            memory: mib(self.memory_limit_mib),
+            configure_deadline: Duration::from_millis(self.configure_deadline_ms),
+            configure_memory: mib(self.configure_memory_limit_mib),
         }
     }
 }
@@ -209,6 +217,14 @@ fn default_deadline_ms() -> u64 {
 
 fn default_memory_mib() -> u64 {
     16
+}
+
+fn default_configure_deadline_ms() -> u64 {
+    1000
+}
+
+fn default_configure_memory_mib() -> u64 {
+    256
 }
 
 #[cfg(test)]

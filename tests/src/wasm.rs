@@ -7,9 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Every policy crate the tests use: the bundled policies and the fixtures.
-pub const CRATES: [&str; 5] =
-    ["opportunistic", "forced-tls", "postfix-map", "tofu", "broken-policy"];
+/// The bundled policies, built for `wasm32-unknown-unknown`: no WASI imports, so a fresh
+/// instance per decision is cheapest. The host wraps the core module into a component.
+pub const BUNDLED: [&str; 4] = ["opportunistic", "forced-tls", "postfix-map", "tofu"];
+
+/// Test fixtures, built for `wasm32-wasip2`: a real WASI-importing component, so that the
+/// deny-by-default WASI is exercised.
+pub const FIXTURES: [&str; 1] = ["broken-policy"];
+
+/// The target a policy crate is built for.
+pub fn target(name: &str) -> &'static str {
+    if FIXTURES.contains(&name) { "wasm32-wasip2" } else { "wasm32-unknown-unknown" }
+}
 
 /// The workspace's target directory.
 pub fn target_dir() -> PathBuf {
@@ -31,13 +40,18 @@ pub fn policy(name: &str) -> PathBuf {
     if let Err(e) = BUILT.get_or_init(build_all) {
         panic!("building the policies to wasm failed:\n{e}");
     }
-    let path =
-        target_dir().join("wasm32-wasip2/policy").join(format!("{}.wasm", name.replace('-', "_")));
+    let file = format!("{}.wasm", name.replace('-', "_"));
+    let path = target_dir().join(target(name)).join("policy").join(file);
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
 
 fn build_all() -> Result<(), String> {
+    build("wasm32-unknown-unknown", &BUNDLED)?;
+    build("wasm32-wasip2", &FIXTURES)
+}
+
+fn build(target: &str, crates: &[&str]) -> Result<(), String> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(workspace_root()).args([
         "build",
@@ -45,9 +59,9 @@ fn build_all() -> Result<(), String> {
         "--profile",
         "policy",
         "--target",
-        "wasm32-wasip2",
+        target,
     ]);
-    for krate in CRATES {
+    for krate in crates {
         cmd.args(["-p", krate]);
     }
     let output = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -55,7 +69,7 @@ fn build_all() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{}\n(is the target installed? `rustup target add wasm32-wasip2`)",
+            "{}\n(is the target installed? `rustup target add {target}`)",
             String::from_utf8_lossy(&output.stderr)
         ))
     }

@@ -3,7 +3,8 @@
 //! Everything generated stays in this private module (STYLE.md §5): the rest of the relay sees
 //! only [`super::types`].
 
-use wasmtime::component::HasSelf;
+use wasmtime::Store;
+use wasmtime::component::{ComponentExportIndex, HasSelf, InstancePre};
 
 use super::instance::StoreState;
 use super::types;
@@ -15,9 +16,9 @@ mod generated {
     });
 }
 
+use generated::PolicyPre;
 use generated::postwarden::policy::host::{self as wit_host, LogLevel};
 use generated::postwarden::policy::types as wit;
-pub(super) use generated::{Policy as PolicyBindings, PolicyPre};
 
 /// The name of the contract package and the version this relay speaks.
 pub(super) const PACKAGE: &str = "postwarden:policy";
@@ -31,6 +32,95 @@ pub(super) fn add_to_linker(
     linker: &mut wasmtime::component::Linker<StoreState>,
 ) -> wasmtime::Result<()> {
     generated::Policy::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |state| state)
+}
+
+/// A pre-instantiated policy and the indices of its exports.
+///
+/// Each call instantiates afresh and looks up, and type-checks, only the export it calls: the
+/// generated `PolicyPre::instantiate` would type-check all four on every decision.
+#[derive(Clone)]
+pub(super) struct Exports {
+    pre: InstancePre<StoreState>,
+    configure: ComponentExportIndex,
+    plan: ComponentExportIndex,
+    on_failure: ComponentExportIndex,
+    on_delivered: ComponentExportIndex,
+}
+
+impl Exports {
+    /// Checks every export's type once (through the generated bindings) and records indices.
+    pub(super) fn new(pre: InstancePre<StoreState>) -> wasmtime::Result<Self> {
+        PolicyPre::new(pre.clone())?;
+        let component = pre.component();
+        let index = |name: &str| {
+            component
+                .get_export_index(None, name)
+                .ok_or_else(|| wasmtime::format_err!("missing export `{name}`"))
+        };
+        Ok(Exports {
+            configure: index("configure")?,
+            plan: index("plan")?,
+            on_failure: index("on-failure")?,
+            on_delivered: index("on-delivered")?,
+            pre,
+        })
+    }
+
+    pub(super) fn configure(
+        &self,
+        store: &mut Store<StoreState>,
+        settings: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        let instance = self.pre.instantiate(&mut *store)?;
+        let func = instance
+            .get_typed_func::<(&str,), (Result<(), String>,)>(&mut *store, &self.configure)?;
+        Ok(func.call(&mut *store, (settings,))?.0)
+    }
+
+    pub(super) fn plan(
+        &self,
+        store: &mut Store<StoreState>,
+        ctx: &types::Context,
+    ) -> wasmtime::Result<types::Decision> {
+        let instance = self.pre.instantiate(&mut *store)?;
+        let func = instance
+            .get_typed_func::<(&wit::Context,), (wit::Decision,)>(&mut *store, &self.plan)?;
+        Ok(decision(func.call(&mut *store, (&context(ctx),))?.0))
+    }
+
+    pub(super) fn on_failure(
+        &self,
+        store: &mut Store<StoreState>,
+        ctx: &types::Context,
+        failure: &types::Failure,
+    ) -> wasmtime::Result<types::Action> {
+        let instance = self.pre.instantiate(&mut *store)?;
+        let func = instance.get_typed_func::<(&wit::Context, &wit::Failure), (wit::Action,)>(
+            &mut *store,
+            &self.on_failure,
+        )?;
+        let (answer,) = func.call(&mut *store, (&context(ctx), &to_wit_failure(failure)))?;
+        Ok(action(answer, failure))
+    }
+
+    pub(super) fn on_delivered(
+        &self,
+        store: &mut Store<StoreState>,
+        ctx: &types::Context,
+        delivered: &types::DeliveryReport,
+    ) -> wasmtime::Result<()> {
+        let instance = self.pre.instantiate(&mut *store)?;
+        let func = instance.get_typed_func::<(&wit::Context, &wit::DeliveryReport), ()>(
+            &mut *store,
+            &self.on_delivered,
+        )?;
+        func.call(&mut *store, (&context(ctx), &report(delivered)))
+    }
+
+    /// Instantiates without calling anything (benchmarks).
+    pub(super) fn instantiate(&self, store: &mut Store<StoreState>) -> wasmtime::Result<()> {
+        self.pre.instantiate(store).map(drop)
+    }
 }
 
 impl wit_host::Host for StoreState {
@@ -79,7 +169,7 @@ impl wit_host::Host for StoreState {
 impl wit::Host for StoreState {}
 
 /// Converts the host's context into the generated type.
-pub(super) fn context(ctx: &types::Context) -> wit::Context {
+fn context(ctx: &types::Context) -> wit::Context {
     wit::Context {
         domain: ctx.domain.clone(),
         mx_host: ctx.mx_host.clone(),
@@ -94,7 +184,7 @@ pub(super) fn context(ctx: &types::Context) -> wit::Context {
     }
 }
 
-pub(super) fn failure(failure: &types::Failure) -> wit::Failure {
+fn to_wit_failure(failure: &types::Failure) -> wit::Failure {
     use types::Failure as F;
     match failure.clone() {
         F::StarttlsNotOffered => wit::Failure::StarttlsNotOffered,
@@ -112,7 +202,7 @@ pub(super) fn failure(failure: &types::Failure) -> wit::Failure {
     }
 }
 
-pub(super) fn report(report: &types::DeliveryReport) -> wit::DeliveryReport {
+fn report(report: &types::DeliveryReport) -> wit::DeliveryReport {
     wit::DeliveryReport {
         requirement: requirement_to_wit(&report.requirement),
         tls_version: report.tls_version.map(version_to_wit),
@@ -121,7 +211,7 @@ pub(super) fn report(report: &types::DeliveryReport) -> wit::DeliveryReport {
     }
 }
 
-pub(super) fn decision(decision: wit::Decision) -> types::Decision {
+fn decision(decision: wit::Decision) -> types::Decision {
     match decision {
         wit::Decision::Abstain => types::Decision::Abstain,
         wit::Decision::Require(r) => types::Decision::Require(requirement_from_wit(r)),
@@ -130,7 +220,7 @@ pub(super) fn decision(decision: wit::Decision) -> types::Decision {
 
 /// Converts a policy's action. Codes are the host's business: 4.7.x for deferrals (refined by
 /// the chain from the failure class), 5.7.x for bounces.
-pub(super) fn action(action: wit::Action, failure: &types::Failure) -> types::Action {
+fn action(action: wit::Action, failure: &types::Failure) -> types::Action {
     match action {
         wit::Action::ContinuePlaintext => types::Action::ContinuePlaintext,
         wit::Action::ReconnectPlaintext => types::Action::ReconnectPlaintext,

@@ -15,7 +15,7 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{self, PolicyPre};
+use super::bindings::Exports;
 use super::kv::KvStore;
 use super::types::{Action, Context, Decision, DeliveryReport, Failure};
 
@@ -29,17 +29,29 @@ const MAX_STDIO: usize = 16 * 1024;
 const MAX_TABLE_ENTRIES: usize = 2_000_000;
 
 /// Resource limits applied to every call into a policy.
+///
+/// `configure` gets its own, larger budget: it runs once, at load, and may parse a large table
+/// (100,000 domains) that the decisions then read from the host. Decisions must be fast.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Limits {
-    /// Wall-clock budget per call, enforced by epoch interruption (1 ms resolution).
+    /// Wall-clock budget per decision call, enforced by epoch interruption (1 ms resolution).
     pub deadline: Duration,
-    /// Largest linear memory, in bytes.
+    /// Largest linear memory during a decision call, in bytes.
     pub memory: usize,
+    /// Wall-clock budget of `configure`.
+    pub configure_deadline: Duration,
+    /// Largest linear memory during `configure`, in bytes.
+    pub configure_memory: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { deadline: Duration::from_millis(10), memory: 16 << 20 }
+        Limits {
+            deadline: Duration::from_millis(10),
+            memory: 16 << 20,
+            configure_deadline: Duration::from_secs(1),
+            configure_memory: 256 << 20,
+        }
     }
 }
 
@@ -90,7 +102,7 @@ pub struct PolicyStats {
 /// A policy ready to be called: compiled, linked, pre-instantiated and configured.
 pub struct LoadedPolicy {
     name: Arc<str>,
-    pre: PolicyPre<StoreState>,
+    exports: Exports,
     engine: wasmtime::Engine,
     limits: Limits,
     table: Arc<HashMap<String, String>>,
@@ -112,7 +124,7 @@ impl std::fmt::Debug for LoadedPolicy {
 /// What `LoadedPolicy::new` needs; built by the engine.
 pub(super) struct Parts {
     pub name: Arc<str>,
-    pub pre: PolicyPre<StoreState>,
+    pub exports: Exports,
     pub engine: wasmtime::Engine,
     pub limits: Limits,
     pub kv: Arc<dyn KvStore>,
@@ -124,7 +136,7 @@ impl LoadedPolicy {
     pub(super) fn configure(parts: Parts, settings: &str) -> Result<Self, PolicyFault> {
         let mut policy = LoadedPolicy {
             name: parts.name,
-            pre: parts.pre,
+            exports: parts.exports,
             engine: parts.engine,
             limits: parts.limits,
             table: Arc::new(HashMap::new()),
@@ -134,7 +146,7 @@ impl LoadedPolicy {
         };
         let settings = settings.to_owned();
         let (result, state) =
-            policy.call(true, |bindings, store| bindings.call_configure(store, &settings));
+            policy.call(true, |exports, store| exports.configure(store, &settings));
         let result = result?;
         result.map_err(PolicyFault::Configure)?;
         policy.table = Arc::new(state.table_writes.unwrap_or_default());
@@ -168,9 +180,8 @@ impl LoadedPolicy {
 
     /// Calls `plan`. Returns the decision and the lines the policy logged.
     pub fn plan(&self, ctx: &Context) -> (Result<Decision, PolicyFault>, Vec<String>) {
-        let ctx = bindings::context(ctx);
-        let (result, state) = self.call(false, |b, store| b.call_plan(store, &ctx));
-        (result.map(bindings::decision), state.logs)
+        let (result, state) = self.call(false, |exports, store| exports.plan(store, ctx));
+        (result, state.logs)
     }
 
     /// Calls `on-failure`. Returns the action and the lines the policy logged.
@@ -179,18 +190,20 @@ impl LoadedPolicy {
         ctx: &Context,
         failure: &Failure,
     ) -> (Result<Action, PolicyFault>, Vec<String>) {
-        let wit_ctx = bindings::context(ctx);
-        let wit_failure = bindings::failure(failure);
         let (result, state) =
-            self.call(false, |b, store| b.call_on_failure(store, &wit_ctx, &wit_failure));
-        (result.map(|a| bindings::action(a, failure)), state.logs)
+            self.call(false, |exports, store| exports.on_failure(store, ctx, failure));
+        (result, state.logs)
+    }
+
+    /// Instantiates in a fresh store and drops it, without calling anything (benchmarks).
+    #[doc(hidden)]
+    pub fn instantiate_only(&self) -> Result<(), PolicyFault> {
+        self.call(false, |exports, store| exports.instantiate(store)).0
     }
 
     /// Calls `on-delivered`.
     pub fn on_delivered(&self, ctx: &Context, report: &DeliveryReport) -> Result<(), PolicyFault> {
-        let ctx = bindings::context(ctx);
-        let report = bindings::report(report);
-        self.call(false, |b, store| b.call_on_delivered(store, &ctx, &report)).0
+        self.call(false, |exports, store| exports.on_delivered(store, ctx, report)).0
     }
 
     /// Instantiates the component in a fresh store and runs `f` under the limits. Returns the
@@ -198,42 +211,51 @@ impl LoadedPolicy {
     fn call<R>(
         &self,
         configuring: bool,
-        f: impl FnOnce(&bindings::PolicyBindings, &mut Store<StoreState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&Exports, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> (Result<R, PolicyFault>, StoreState) {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let limits = match configuring {
+            true => (self.limits.configure_deadline, self.limits.configure_memory),
+            false => (self.limits.deadline, self.limits.memory),
+        };
         let state = StoreState {
             name: self.name.clone(),
             table: self.table.clone(),
             table_writes: configuring.then(HashMap::new),
             kv: self.kv.clone(),
             logs: Vec::new(),
-            limiter: Limiter { max_memory: self.limits.memory, exceeded: false },
+            limiter: Limiter { max_memory: limits.1, exceeded: false },
             // Created on the guest's first WASI call: most calls make none, and building a
             // WASI context would double the cost of a decision.
             wasi: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(super::engine::deadline_ticks(self.limits.deadline));
+        store.set_epoch_deadline(super::engine::deadline_ticks(limits.0));
         store.epoch_deadline_trap();
 
-        let result = self.pre.instantiate(&mut store).and_then(|bindings| f(&bindings, &mut store));
+        let result = f(&self.exports, &mut store);
         let mut state = store.into_data();
         state.flush_stdio();
-        (result.map_err(|e| self.classify(&state, e)), state)
+        (result.map_err(|e| classify(&state, limits, e)), state)
     }
+}
 
-    fn classify(&self, state: &StoreState, error: wasmtime::Error) -> PolicyFault {
-        if state.limiter.exceeded {
-            return PolicyFault::MemoryLimit(self.limits.memory);
-        }
-        if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-            return PolicyFault::Deadline(self.limits.deadline);
-        }
-        // The first line names the trap; the rest is a backtrace.
-        let text = format!("{error:#}");
-        PolicyFault::Trap(text.lines().next().unwrap_or_default().to_owned())
+/// Names the fault behind a failed call, given the limits it ran under.
+fn classify(
+    state: &StoreState,
+    (deadline, memory): (Duration, usize),
+    error: wasmtime::Error,
+) -> PolicyFault {
+    if state.limiter.exceeded {
+        return PolicyFault::MemoryLimit(memory);
     }
+    if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return PolicyFault::Deadline(deadline);
+    }
+    // The first line names the trap; the rest is a backtrace.
+    let text = format!("{error:#}");
+    PolicyFault::Trap(text.lines().next().unwrap_or_default().to_owned())
 }
 
 /// The data of one store: everything the host imports need during one call.
