@@ -324,6 +324,11 @@ fn configure_error_stops_loading_with_the_policy_named() {
         "{err}"
     );
 
+    let looping =
+        broken("configure-loop").replace("deadline_ms = 20", "configure_deadline_ms = 50");
+    let err = chains::load(&looping).err().unwrap().to_string();
+    assert!(err.contains("policy `broken`: exceeded its deadline of 50ms"), "{err}");
+
     let bad_settings = r#"
 [[policy]]
 name = "forced"

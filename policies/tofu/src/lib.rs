@@ -80,18 +80,23 @@ impl Policy for Tofu {
         } else {
             return;
         };
+        let known = remembered(ctx, host);
         // Never weaken what is remembered: an unverified delivery does not overwrite `verify`.
-        let level = match remembered(ctx, host) {
+        let level = match known {
             Some((TlsLevel::Verify, _)) => TlsLevel::Verify,
             _ => learned,
         };
-        if remembered(ctx, host).is_none() {
-            host.log(
+        let now = host.now();
+        match known {
+            // Refresh at most daily: every write is an fsync'd file rewrite in the relay.
+            Some((old, at)) if old == level && now.saturating_sub(at) < SECONDS_PER_DAY => return,
+            None => host.log(
                 LogLevel::Info,
                 &format!("tofu: remembering {} for {}", level.as_str(), ctx.domain),
-            );
+            ),
+            Some(_) => {}
         }
-        host.kv_set(&ctx.domain, &format!("{};{}", level.as_str(), host.now()));
+        host.kv_set(&ctx.domain, &format!("{};{now}", level.as_str()));
     }
 }
 
@@ -166,6 +171,21 @@ mod tests {
         Tofu::on_delivered(&ctx, &report(true, false), &host);
         assert_eq!(Tofu::plan(&ctx, &host), Decision::require(TlsLevel::Verify));
         assert_eq!(Tofu::plan(&context("other.example"), &host), Decision::Abstain);
+    }
+
+    #[test]
+    fn confirmations_refresh_the_store_at_most_daily() {
+        let host = FakeHost::configured::<Tofu>("{}").unwrap();
+        let ctx = context("example.com");
+        host.now.set(1_000);
+        Tofu::on_delivered(&ctx, &report(true, true), &host);
+        host.now.set(2_000);
+        Tofu::on_delivered(&ctx, &report(true, true), &host);
+        assert_eq!(host.kv_get("example.com").as_deref(), Some("verify;1000"));
+        let later = 1_000 + SECONDS_PER_DAY;
+        host.now.set(later);
+        Tofu::on_delivered(&ctx, &report(true, true), &host);
+        assert_eq!(host.kv_get("example.com"), Some(format!("verify;{later}")));
     }
 
     #[test]

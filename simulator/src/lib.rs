@@ -1,0 +1,1 @@
+//! The destination simulator: fake MX servers and the DNS that points at them.
