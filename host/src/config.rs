@@ -20,6 +20,217 @@ pub struct Config {
     /// The policy chain, in order (`[[policy]]` tables).
     #[serde(default, rename = "policy")]
     pub policies: Vec<PolicyConfig>,
+    /// Outbound delivery.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Trust anchors for outbound TLS.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[delivery]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// The name sent in EHLO (default: `localhost`; set it to the relay's public name).
+    #[serde(default = "default_helo")]
+    pub helo_name: String,
+    /// The port MX hosts are contacted on (default 25).
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// DNS servers (`"IP:port"`); empty means the system's resolver configuration.
+    #[serde(default)]
+    pub dns_servers: Vec<std::net::SocketAddr>,
+    /// Static routes, like Postfix transport maps: `"example.com" = "[10.0.0.5]:2525"` or
+    /// `"[smarthost.example]"` (port 25 by default). No MX lookup for these domains.
+    #[serde(default)]
+    pub routes: std::collections::BTreeMap<String, String>,
+    /// Seed for shuffling MX hosts of equal preference (tests; default: random).
+    #[serde(default)]
+    pub mx_shuffle_seed: Option<u64>,
+    /// Per-stage timeouts in seconds (RFC 5321 §4.5.3.2 defaults).
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            helo_name: default_helo(),
+            port: default_port(),
+            dns_servers: Vec::new(),
+            routes: Default::default(),
+            mx_shuffle_seed: None,
+            timeouts: TimeoutsConfig::default(),
+        }
+    }
+}
+
+impl DeliveryConfig {
+    /// The static routes, parsed: domain → (host, port).
+    pub fn parsed_routes(
+        &self,
+    ) -> Result<std::collections::HashMap<String, (String, u16)>, String> {
+        let mut out = std::collections::HashMap::new();
+        for (domain, target) in &self.routes {
+            let parsed = parse_route(target, self.port).ok_or_else(|| {
+                format!("delivery.routes.\"{domain}\": `{target}` is not `[host]` or `[host]:port`")
+            })?;
+            out.insert(domain.trim_end_matches('.').to_ascii_lowercase(), parsed);
+        }
+        Ok(out)
+    }
+}
+
+fn parse_route(target: &str, default_port: u16) -> Option<(String, u16)> {
+    let rest = target.strip_prefix('[')?;
+    let (host, port) = rest.split_once(']')?;
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return None;
+    }
+    let port = match port {
+        "" => default_port,
+        p => p.strip_prefix(':')?.parse().ok()?,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// `[delivery.timeouts]`, in seconds.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP connect (default 30).
+    #[serde(default = "t_connect")]
+    pub connect: f64,
+    /// Greeting (default 300).
+    #[serde(default = "t_five_min")]
+    pub greeting: f64,
+    /// EHLO, STARTTLS, MAIL, RCPT replies (default 300).
+    #[serde(default = "t_five_min")]
+    pub command: f64,
+    /// TLS handshake (default 60).
+    #[serde(default = "t_minute")]
+    pub tls_handshake: f64,
+    /// Reply to DATA (default 120).
+    #[serde(default = "t_two_min")]
+    pub data_init: f64,
+    /// Sending a block of the message (default 180).
+    #[serde(default = "t_three_min")]
+    pub data_block: f64,
+    /// Reply after the final dot (default 600).
+    #[serde(default = "t_ten_min")]
+    pub final_dot: f64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect: t_connect(),
+            greeting: t_five_min(),
+            command: t_five_min(),
+            tls_handshake: t_minute(),
+            data_init: t_two_min(),
+            data_block: t_three_min(),
+            final_dot: t_ten_min(),
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    /// As the delivery engine's type.
+    pub fn to_timeouts(&self) -> crate::delivery::client::Timeouts {
+        let d = |secs: f64| Duration::from_secs_f64(secs.max(0.001));
+        crate::delivery::client::Timeouts {
+            connect: d(self.connect),
+            greeting: d(self.greeting),
+            command: d(self.command),
+            tls_handshake: d(self.tls_handshake),
+            data_init: d(self.data_init),
+            data_block: d(self.data_block),
+            final_dot: d(self.final_dot),
+        }
+    }
+}
+
+/// `[tls]`: whom outbound TLS trusts for `verify` and `secure`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Trust the public web PKI roots (webpki-roots; default true).
+    #[serde(default = "yes")]
+    pub webpki_roots: bool,
+    /// Extra CA certificates (PEM files), e.g. a private CA or the simulator's test CA.
+    #[serde(default)]
+    pub ca_files: Vec<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig { webpki_roots: true, ca_files: Vec::new() }
+    }
+}
+
+impl TlsConfig {
+    /// Builds the TLS context, reading the CA files.
+    pub fn context(&self) -> Result<crate::delivery::tls::TlsContext, String> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        if self.webpki_roots {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        for (i, path) in self.ca_files.iter().enumerate() {
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("tls.ca_files[{i}] ({}): {e}", path.display()))?;
+            let mut added = 0;
+            for cert in certs {
+                let cert =
+                    cert.map_err(|e| format!("tls.ca_files[{i}] ({}): {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("tls.ca_files[{i}] ({}): {e}", path.display()))?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(format!(
+                    "tls.ca_files[{i}] ({}): no certificate found",
+                    path.display()
+                ));
+            }
+        }
+        Ok(crate::delivery::tls::TlsContext::new(roots))
+    }
+}
+
+fn default_helo() -> String {
+    "localhost".to_owned()
+}
+
+fn default_port() -> u16 {
+    25
+}
+
+fn t_connect() -> f64 {
+    30.0
+}
+
+fn t_minute() -> f64 {
+    60.0
+}
+
+fn t_two_min() -> f64 {
+    120.0
+}
+
+fn t_three_min() -> f64 {
+    180.0
+}
+
+fn t_five_min() -> f64 {
+    300.0
+}
+
+fn t_ten_min() -> f64 {
+    600.0
 }
 
 /// `[policy_engine]`.
@@ -146,9 +357,13 @@ impl Config {
         for policy in &mut self.policies {
             resolve(&mut policy.path);
         }
+        for ca in &mut self.tls.ca_files {
+            resolve(ca);
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
+        self.delivery.parsed_routes()?;
         if self.policy_engine.max_concurrent_calls == 0 {
             return Err("policy_engine.max_concurrent_calls: must be at least 1".to_owned());
         }
@@ -255,6 +470,18 @@ mod tests {
             assert!(err.starts_with("/etc/postwarden/relay.toml: "), "{err}");
             assert!(err.contains(expected), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn routes_parse_like_transport_maps() {
+        let text = "[delivery]\nport = 2525\n[delivery.routes]\n\"a.example\" = \"[10.0.0.5]:2526\"\n\"B.example.\" = \"[Smart.Example]\"\n";
+        let config = Config::parse(text, Path::new("relay.toml")).unwrap();
+        let routes = config.delivery.parsed_routes().unwrap();
+        assert_eq!(routes["a.example"], ("10.0.0.5".to_owned(), 2526));
+        assert_eq!(routes["b.example"], ("smart.example".to_owned(), 2525));
+        let bad = "[delivery.routes]\n\"a.example\" = \"10.0.0.5:25\"\n";
+        let err = Config::parse(bad, Path::new("relay.toml")).unwrap_err().to_string();
+        assert!(err.contains("delivery.routes.\"a.example\": `10.0.0.5:25` is not"), "{err}");
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration.
+//! - [`delivery`]: outbound delivery (routing, STARTTLS, policy-driven outcomes).
 //! - [`policy`]: the policy engine (contract, wasmtime, chain, fail-closed rules).
+//! - [`smtp`]: the SMTP client's wire format, sans-IO.
 //! - [`cli`]: the `postwarden` command's subcommands.
 
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod policy;
+pub mod smtp;

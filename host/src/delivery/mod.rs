@@ -1,0 +1,551 @@
+//! Outbound delivery: one message, one recipient domain, every MX, the TLS the policy chain
+//! decides, and one outcome per recipient.
+//!
+//! # Layout
+//! - [`route`]: static routes, MX lookup (hickory), implicit and null MX, ordering.
+//! - [`tls`]: rustls client configuration per requirement and certificate verdicts.
+//! - [`client`]: the SMTP connection; STARTTLS as a change of type; the transaction.
+//! - this module: the attempt loop over MX hosts, carrying out the policy's failure actions,
+//!   and the outcome records.
+
+pub mod client;
+pub mod route;
+pub mod tls;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use self::client::{Client, Envelope, PlaintextPermit, RcptResult, StartTls, Timeouts, TlsInfo};
+use self::route::{MxHost, Router};
+use self::tls::TlsContext;
+use crate::policy::chain::REQUIRETLS_CODE;
+use crate::policy::{
+    Action, Chain, Context, Decider, DeliveryReport, Failure, Plan, Requirement, Verdict,
+};
+use crate::smtp::Reply;
+
+/// One message to deliver.
+#[derive(Clone, Debug)]
+pub struct Message<'a> {
+    /// Reverse-path (empty for the null sender).
+    pub mail_from: &'a str,
+    /// The message, headers and body, with CRLF line ends.
+    pub body: &'a [u8],
+    /// The message was submitted with REQUIRETLS.
+    pub requiretls: bool,
+    /// The message carries `TLS-Required: No`.
+    pub tls_required_no: bool,
+    /// Delivery attempt number, from 1.
+    pub attempt: u32,
+    /// Seconds since acceptance.
+    pub age: u64,
+}
+
+/// The final word on one recipient for this attempt.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum Status {
+    /// The next hop accepted the message.
+    Delivered {
+        /// MX host name.
+        mx: String,
+        /// Address connected to.
+        ip: SocketAddr,
+        /// TLS session, or `None` for plaintext.
+        tls: Option<TlsInfo>,
+        /// The policy that decided.
+        decided_by: String,
+        /// The requirement it ran under.
+        requirement: String,
+        /// The server's final reply.
+        reply: String,
+    },
+    /// Try again later.
+    Deferred {
+        /// Enhanced status code.
+        code: String,
+        /// Why.
+        reason: String,
+    },
+    /// Give up; the sender gets a bounce.
+    Bounced {
+        /// Enhanced status code.
+        code: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The outcome for one recipient.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct RecipientOutcome {
+    /// The recipient.
+    pub rcpt: String,
+    /// What happened.
+    pub status: Status,
+}
+
+/// The outcome of delivering to one domain.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct DomainOutcome {
+    /// One entry per recipient, in the order given.
+    pub recipients: Vec<RecipientOutcome>,
+    /// The compact TLS summary for the log, in the spirit of Postfix 3.11's `tls=level:result`
+    /// (one entry per host tried), so "which messages went in cleartext" is one grep away.
+    pub tls_log: String,
+}
+
+/// Delivers messages: routing, policy, SMTP and TLS.
+pub struct Deliverer {
+    router: Router,
+    tls: TlsContext,
+    timeouts: Timeouts,
+    helo_name: String,
+}
+
+/// What one attempt at one address came to.
+enum HostResult {
+    /// The transaction ran; per-recipient results.
+    Done(Vec<RcptResult>, DeliveredVia),
+    /// Try the next host or address (connection failure, greeting refused, next-mx action).
+    Next { code: String, reason: String },
+    /// Stop: every pending recipient gets this.
+    Final(Status),
+}
+
+/// How a transaction went through, for the outcome records.
+struct DeliveredVia {
+    tls: Option<TlsInfo>,
+    requirement: Requirement,
+}
+
+impl Deliverer {
+    /// A deliverer introducing itself as `helo_name`.
+    pub fn new(router: Router, tls: TlsContext, timeouts: Timeouts, helo_name: &str) -> Self {
+        Deliverer { router, tls, timeouts, helo_name: helo_name.to_owned() }
+    }
+
+    /// Delivers `message` to `rcpts`, all in `domain`, under `chain`.
+    pub async fn deliver(
+        &self,
+        chain: &Chain,
+        message: &Message<'_>,
+        domain: &str,
+        rcpts: &[String],
+    ) -> DomainOutcome {
+        let mut log = String::new();
+        let every = |status: Status| DomainOutcome {
+            recipients: rcpts
+                .iter()
+                .map(|r| RecipientOutcome { rcpt: r.clone(), status: status.clone() })
+                .collect(),
+            tls_log: String::new(),
+        };
+        let hosts = match self.router.route(domain).await {
+            Ok(hosts) => hosts,
+            Err(e) if e.is_temporary() => {
+                return every(Status::Deferred {
+                    code: e.code().to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => {
+                return every(Status::Bounced { code: e.code().to_owned(), reason: e.to_string() });
+            }
+        };
+        let mut last = ("4.4.1".to_owned(), format!("no MX host of {domain} could be reached"));
+        let count = u32::try_from(hosts.len()).unwrap_or(u32::MAX);
+        for (index, host) in hosts.iter().enumerate() {
+            for &addr in &host.addrs {
+                let ctx = Context {
+                    domain: domain.to_ascii_lowercase(),
+                    mx_host: host.name.clone(),
+                    ip: addr.ip().to_string(),
+                    mx_preference: host.preference,
+                    mx_index: u32::try_from(index).unwrap_or(u32::MAX),
+                    mx_count: count,
+                    attempt: message.attempt,
+                    message_age: message.age,
+                    requiretls: message.requiretls,
+                    tls_required_no: message.tls_required_no,
+                };
+                let plan = chain.plan(&ctx);
+                let requirement = match &plan.verdict {
+                    Verdict::Require(r) => r.clone(),
+                    Verdict::Defer { code, reason } => {
+                        let _ = write!(log, "{}tls=fault:defer", sep(&log));
+                        let mut outcome =
+                            every(Status::Deferred { code: code.clone(), reason: reason.clone() });
+                        outcome.tls_log = log;
+                        return outcome;
+                    }
+                };
+                let result = self
+                    .attempt(chain, &plan, &ctx, &requirement, host, addr, message, rcpts)
+                    .await;
+                match result {
+                    HostResult::Done(results, via) => {
+                        let _ = write!(
+                            log,
+                            "{}tls={}:{}",
+                            sep(&log),
+                            requirement.level,
+                            tls_word(&via.tls)
+                        );
+                        return self
+                            .finish(chain, &ctx, &plan, host, addr, rcpts, results, via, log);
+                    }
+                    HostResult::Next { code, reason } => {
+                        let _ =
+                            write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);
+                        tracing::info!(domain, mx = %host.name, %addr, %code, "trying next host: {reason}");
+                        last = (code, reason);
+                    }
+                    HostResult::Final(status) => {
+                        let word = match &status {
+                            Status::Bounced { code, .. } => format!("bounce({code})"),
+                            Status::Deferred { code, .. } => format!("defer({code})"),
+                            Status::Delivered { .. } => "ok".to_owned(),
+                        };
+                        let _ = write!(log, "{}tls={}:{word}", sep(&log), requirement.level);
+                        let mut outcome = every(status);
+                        outcome.tls_log = log;
+                        return outcome;
+                    }
+                }
+            }
+        }
+        let mut outcome = every(Status::Deferred { code: last.0, reason: last.1 });
+        outcome.tls_log = log;
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        chain: &Chain,
+        ctx: &Context,
+        plan: &Plan,
+        host: &MxHost,
+        addr: SocketAddr,
+        rcpts: &[String],
+        results: Vec<RcptResult>,
+        via: DeliveredVia,
+        tls_log: String,
+    ) -> DomainOutcome {
+        let decided_by = match &plan.decider {
+            Decider::Policy(name) => name.clone(),
+            Decider::Default => "(default)".to_owned(),
+        };
+        let mut any_delivered = false;
+        let recipients = rcpts
+            .iter()
+            .zip(results)
+            .map(|(rcpt, result)| {
+                let status = match result {
+                    RcptResult::Delivered(reply) => {
+                        any_delivered = true;
+                        Status::Delivered {
+                            mx: host.name.clone(),
+                            ip: addr,
+                            tls: via.tls.clone(),
+                            decided_by: decided_by.clone(),
+                            requirement: via.requirement.to_string(),
+                            reply: reply.to_string().trim_end().to_owned(),
+                        }
+                    }
+                    RcptResult::Deferred(reply) => {
+                        Status::Deferred { code: code_of(&reply, "4.0.0"), reason: text_of(&reply) }
+                    }
+                    RcptResult::Bounced(reply) => {
+                        Status::Bounced { code: code_of(&reply, "5.0.0"), reason: text_of(&reply) }
+                    }
+                };
+                RecipientOutcome { rcpt: rcpt.clone(), status }
+            })
+            .collect();
+        if any_delivered {
+            let report = DeliveryReport {
+                requirement: via.requirement.clone(),
+                tls_version: via.tls.as_ref().map(|t| t.version),
+                cipher: via.tls.as_ref().map(|t| t.cipher.clone()).unwrap_or_default(),
+                certificate_verified: via.tls.as_ref().is_some_and(|t| t.verified),
+            };
+            chain.on_delivered(ctx, &report);
+        }
+        DomainOutcome { recipients, tls_log }
+    }
+
+    /// One attempt at one address of one host.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        chain: &Chain,
+        plan: &Plan,
+        ctx: &Context,
+        requirement: &Requirement,
+        host: &MxHost,
+        addr: SocketAddr,
+        message: &Message<'_>,
+        rcpts: &[String],
+    ) -> HostResult {
+        let envelope = Envelope {
+            mail_from: message.mail_from,
+            rcpts,
+            size: message.body.len() as u64,
+            eight_bit: message.body.iter().any(|b| *b >= 0x80),
+            requiretls: message.requiretls,
+        };
+        let next = |code: &str, reason: String| HostResult::Next { code: code.to_owned(), reason };
+        let mut client = match self.open(addr, &host.name).await {
+            Ok(client) => client,
+            Err(reason) => return next("4.4.1", reason),
+        };
+        let permit = PlaintextPermit::new(requirement, message.requiretls);
+        if requirement.level == crate::policy::TlsLevel::None {
+            let Some(permit) = permit else {
+                return HostResult::Final(forced_plaintext_refused(requirement));
+            };
+            return plaintext(client, &permit, &envelope, message.body, requirement).await;
+        }
+        let offered = client.capabilities.starttls;
+        let failure = if !offered && !requirement.level.is_forced() {
+            // Under `may`, STARTTLS is sent only when offered. Under `encrypt` and stronger it is
+            // sent even when not advertised: a stripped capability must not cost us TLS.
+            Failure::StarttlsNotOffered
+        } else {
+            let (config, verdict) =
+                match self.tls.client_config(requirement, &ctx.domain, &host.name) {
+                    Ok(pair) => pair,
+                    Err(reason) => {
+                        return HostResult::Final(Status::Deferred {
+                            code: "4.7.5".into(),
+                            reason,
+                        });
+                    }
+                };
+            let server_name = server_name(&host.name, addr);
+            match client.starttls(config, server_name, &verdict, &self.helo_name).await {
+                StartTls::Upgraded(mut tls_client, info) => {
+                    if message.requiretls && !tls_client.capabilities.requiretls {
+                        tls_client.quit().await;
+                        return HostResult::Final(Status::Bounced {
+                            code: REQUIRETLS_CODE.to_owned(),
+                            reason: format!(
+                                "REQUIRETLS: {} does not advertise REQUIRETLS",
+                                host.name
+                            ),
+                        });
+                    }
+                    let result = tls_client.transaction_tls(&envelope, message.body).await;
+                    return match result {
+                        Ok(results) => {
+                            tls_client.quit().await;
+                            HostResult::Done(
+                                results,
+                                DeliveredVia { tls: Some(info), requirement: requirement.clone() },
+                            )
+                        }
+                        Err(e) => next("4.4.2", format!("{} [{}]: {e}", host.name, addr.ip())),
+                    };
+                }
+                StartTls::Refused { reply, client: refused } => {
+                    client = *refused;
+                    if offered {
+                        Failure::StarttlsRefused { code: reply.code(), text: text_of(&reply) }
+                    } else {
+                        Failure::StarttlsNotOffered
+                    }
+                }
+                StartTls::Failed(failure) => {
+                    return self
+                        .after_failure(
+                            chain,
+                            plan,
+                            ctx,
+                            requirement,
+                            host,
+                            addr,
+                            None,
+                            failure,
+                            message,
+                            &envelope,
+                        )
+                        .await;
+                }
+            }
+        };
+        self.after_failure(
+            chain,
+            plan,
+            ctx,
+            requirement,
+            host,
+            addr,
+            Some(client),
+            failure,
+            message,
+            &envelope,
+        )
+        .await
+    }
+
+    /// Carries out the policy's answer to a TLS failure.
+    #[allow(clippy::too_many_arguments)]
+    async fn after_failure(
+        &self,
+        chain: &Chain,
+        plan: &Plan,
+        ctx: &Context,
+        requirement: &Requirement,
+        host: &MxHost,
+        addr: SocketAddr,
+        plain: Option<Client<TcpStream>>,
+        failure: Failure,
+        message: &Message<'_>,
+        envelope: &Envelope<'_>,
+    ) -> HostResult {
+        let response = chain.on_failure(plan, ctx, &failure);
+        tracing::info!(
+            domain = %ctx.domain, mx = %host.name, failure = failure.class(), action = %response.action,
+            policy = %response.decider, "tls failure"
+        );
+        let permit = PlaintextPermit::new(requirement, message.requiretls);
+        match response.action {
+            Action::ContinuePlaintext => match (plain, permit) {
+                (Some(client), Some(permit)) => {
+                    plaintext(client, &permit, envelope, message.body, requirement).await
+                }
+                (_, None) => HostResult::Final(forced_plaintext_refused(requirement)),
+                (None, Some(_)) => HostResult::Final(Status::Deferred {
+                    code: "4.7.0".into(),
+                    reason: format!(
+                        "cannot continue in plaintext after {}: connection unusable",
+                        failure.class()
+                    ),
+                }),
+            },
+            Action::ReconnectPlaintext => {
+                let Some(permit) = permit else {
+                    return HostResult::Final(forced_plaintext_refused(requirement));
+                };
+                if let Some(client) = plain {
+                    client.quit().await;
+                }
+                match self.open(addr, &host.name).await {
+                    Ok(client) => {
+                        plaintext(client, &permit, envelope, message.body, requirement).await
+                    }
+                    Err(reason) => HostResult::Next { code: "4.4.1".into(), reason },
+                }
+            }
+            Action::NextMx => HostResult::Next {
+                code: failure.defer_code().to_owned(),
+                reason: format!("{} at {} [{}]", failure, host.name, addr.ip()),
+            },
+            Action::Defer { code, reason } => HostResult::Final(Status::Deferred { code, reason }),
+            Action::Bounce { code, reason } => HostResult::Final(Status::Bounced { code, reason }),
+        }
+    }
+
+    /// Connects, reads the greeting and sends EHLO.
+    async fn open(&self, addr: SocketAddr, mx: &str) -> Result<Client<TcpStream>, String> {
+        let (mut client, greeting) = Client::connect(addr, self.timeouts)
+            .await
+            .map_err(|e| format!("{mx} [{}]: {e}", addr.ip()))?;
+        if !greeting.is_positive() {
+            return Err(format!(
+                "{mx} [{}] greeted with {}",
+                addr.ip(),
+                greeting.to_string().trim_end()
+            ));
+        }
+        client.ehlo(&self.helo_name).await.map_err(|e| format!("{mx} [{}]: {e}", addr.ip()))?;
+        Ok(client)
+    }
+}
+
+async fn plaintext(
+    mut client: Client<TcpStream>,
+    permit: &PlaintextPermit,
+    envelope: &Envelope<'_>,
+    body: &[u8],
+    requirement: &Requirement,
+) -> HostResult {
+    let peer = client.peer();
+    match client.transaction_plaintext(permit, envelope, body).await {
+        Ok(results) => {
+            client.quit().await;
+            HostResult::Done(results, DeliveredVia { tls: None, requirement: requirement.clone() })
+        }
+        Err(e) => {
+            HostResult::Next { code: "4.4.2".into(), reason: format!("[{}]: {e}", peer.ip()) }
+        }
+    }
+}
+
+/// The belt to the chain's braces: should a plaintext action ever reach delivery under a
+/// forced requirement, defer.
+fn forced_plaintext_refused(requirement: &Requirement) -> Status {
+    Status::Deferred {
+        code: "4.7.0".into(),
+        reason: format!("plaintext refused: requirement is {}", requirement.level),
+    }
+}
+
+fn server_name(mx: &str, addr: SocketAddr) -> ServerName<'static> {
+    match ServerName::try_from(mx.to_owned()) {
+        Ok(name) => name,
+        Err(_) => ServerName::IpAddress(addr.ip().into()),
+    }
+}
+
+fn tls_word(tls: &Option<TlsInfo>) -> String {
+    match tls {
+        None => "plaintext".to_owned(),
+        Some(info) => format!(
+            "{}{}",
+            match info.version {
+                crate::policy::TlsVersion::Tls13 => "tls1.3",
+                crate::policy::TlsVersion::Tls12 => "tls1.2",
+            },
+            if info.verified { ",verified" } else { ",unverified" }
+        ),
+    }
+}
+
+fn sep(log: &str) -> &'static str {
+    if log.is_empty() { "" } else { " " }
+}
+
+fn code_of(reply: &Reply, default: &str) -> String {
+    reply.enhanced().map_or_else(|| default.to_owned(), |c| c.to_string())
+}
+
+fn text_of(reply: &Reply) -> String {
+    format!("{} {}", reply.code(), reply.text().replace('\n', " "))
+}
+
+impl Deliverer {
+    /// Builds the deliverer described by `config`: resolver, routes, trust, timeouts.
+    pub fn from_config(config: &crate::config::Config) -> Result<Arc<Self>, String> {
+        let delivery = &config.delivery;
+        let resolver = route::HickoryResolver::new(&delivery.dns_servers)?;
+        let router = Router::new(
+            Box::new(resolver),
+            delivery.port,
+            delivery.parsed_routes()?,
+            delivery.mx_shuffle_seed,
+        );
+        let tls = config.tls.context()?;
+        Ok(Arc::new(Deliverer::new(
+            router,
+            tls,
+            delivery.timeouts.to_timeouts(),
+            &delivery.helo_name,
+        )))
+    }
+}

@@ -1,0 +1,286 @@
+//! TLS client configuration per requirement, and certificate checks that say *why* they failed.
+//!
+//! - `may` and `encrypt` accept any certificate (RFC 7435: an unverified encrypted channel beats
+//!   plaintext), but still compute whether it *would* have verified against the MX host name,
+//!   so every delivery records "certificate verified: yes/no".
+//! - `verify` requires a chain to the trusted roots and a name matching the MX host (or the
+//!   requirement's match names).
+//! - `secure` requires a chain and a name within the recipient domain (`domain` or any
+//!   subdomain), or one of the match names.
+//!
+//! Handshake signatures are always checked, whatever the level. Revocation is not checked
+//! (as in most MTAs; documented). SNI is the MX host name.
+
+use std::sync::{Arc, Mutex};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::policy::{Failure, Requirement, TlsLevel, TlsVersion};
+
+/// The trust anchors and session cache shared by every outbound TLS connection.
+#[derive(Clone, Debug)]
+pub struct TlsContext {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    sessions: Arc<dyn rustls::client::ClientSessionStore>,
+}
+
+impl TlsContext {
+    /// Trust `roots`. Session tickets are cached (up to 4,096 servers) so that reconnections
+    /// resume instead of doing a full handshake.
+    pub fn new(roots: RootCertStore) -> Self {
+        TlsContext {
+            roots: Arc::new(roots),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(4096)),
+        }
+    }
+
+    /// The public web PKI roots (webpki-roots) plus `extra` PEM CA files' contents.
+    pub fn with_webpki_roots(extra: &[CertificateDer<'static>]) -> Self {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in extra {
+            // A CA file that does not parse is refused when the config is loaded.
+            let _ = roots.add(cert.clone());
+        }
+        TlsContext::new(roots)
+    }
+
+    /// A client configuration enforcing `requirement` for a delivery to `mx_host` of `domain`,
+    /// and the slot where the certificate check's verdict is recorded.
+    pub fn client_config(
+        &self,
+        requirement: &Requirement,
+        domain: &str,
+        mx_host: &str,
+    ) -> Result<(Arc<ClientConfig>, VerdictSlot), String> {
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| format!("trust roots: {e}"))?;
+        let names = match requirement.level {
+            TlsLevel::Verify | TlsLevel::Secure if !requirement.match_names.is_empty() => {
+                requirement.match_names.clone()
+            }
+            TlsLevel::Secure => vec![domain.to_owned(), format!(".{domain}")],
+            _ => vec![mx_host.to_owned()],
+        };
+        let verdict = Arc::new(Mutex::new(None));
+        let verifier = Arc::new(PolicyVerifier {
+            webpki,
+            names,
+            enforce: requirement.level.is_verified(),
+            verdict: verdict.clone(),
+        });
+        let versions: &[&rustls::SupportedProtocolVersion] = match requirement.min_version {
+            Some(TlsVersion::Tls13) => &[&rustls::version::TLS13],
+            _ => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        };
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| format!("TLS versions: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        config.resumption = rustls::client::Resumption::store(self.sessions.clone());
+        Ok((Arc::new(config), verdict))
+    }
+}
+
+/// Where a connection's certificate verdict is recorded.
+pub type VerdictSlot = Arc<Mutex<Option<CertVerdict>>>;
+
+/// What the certificate check found.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub enum CertVerdict {
+    /// Chain and name verified.
+    Verified,
+    /// Not verified, with the failure class it maps to.
+    NotVerified(Failure),
+}
+
+/// Checks the chain and names as the requirement demands; records the verdict either way.
+#[derive(Debug)]
+struct PolicyVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// Acceptable names: exact, or `.suffix` for any name below it.
+    names: Vec<String>,
+    /// Fail the handshake when the certificate does not verify (`verify`, `secure`).
+    enforce: bool,
+    verdict: VerdictSlot,
+}
+
+impl PolicyVerifier {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let mut candidates: Vec<String> = Vec::new();
+        let mut suffixes: Vec<&str> = Vec::new();
+        for name in &self.names {
+            match name.strip_prefix('.') {
+                Some(_) => suffixes.push(name),
+                None => candidates.push(name.clone()),
+            }
+        }
+        if !suffixes.is_empty() {
+            // Names in the certificate that fall under a suffix pattern become candidates; a
+            // wildcard `*.x` is probed with a label of our own.
+            if let Ok(cert) = webpki::EndEntityCert::try_from(end_entity) {
+                for dns in cert.valid_dns_names() {
+                    let probe = match dns.strip_prefix("*.") {
+                        Some(rest) => format!("wildcard-probe.{rest}"),
+                        None => dns.to_owned(),
+                    };
+                    if suffixes.iter().any(|s| suffix_matches(s, &probe)) {
+                        candidates.push(probe);
+                    }
+                }
+            }
+        }
+        let mut first_error = None;
+        for candidate in &candidates {
+            let Ok(server_name) = ServerName::try_from(candidate.as_str()) else { continue };
+            match self.webpki.verify_server_cert(end_entity, intermediates, &server_name, &[], now)
+            {
+                Ok(_) => return Ok(()),
+                // A chain or time problem is the same for every name: report it rather than a
+                // name mismatch from another candidate.
+                Err(e) if !is_name_error(&e) => return Err(e),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if candidates.is_empty() {
+            // No candidate name: still check the chain, with a name that cannot match, so an
+            // untrusted chain is reported as such rather than as a name mismatch.
+            let probe = ServerName::try_from("name-check.invalid").map_err(|_| {
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
+            })?;
+            self.webpki.verify_server_cert(end_entity, intermediates, &probe, &[], now)?;
+        }
+        Err(first_error
+            .unwrap_or(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)))
+    }
+}
+
+impl ServerCertVerifier for PolicyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let result = self.check(end_entity, intermediates, now);
+        let verdict = match &result {
+            Ok(()) => CertVerdict::Verified,
+            Err(e) => CertVerdict::NotVerified(classify_cert_error(e)),
+        };
+        *self.verdict.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(verdict);
+        match result {
+            Err(e) if self.enforce => Err(e),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+fn suffix_matches(suffix: &str, name: &str) -> bool {
+    name.len() > suffix.len() && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+}
+
+fn is_name_error(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }
+        )
+    )
+}
+
+/// Maps a certificate error to the contract's failure class.
+pub fn classify_cert_error(e: &rustls::Error) -> Failure {
+    let detail = e.to_string();
+    match e {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                Failure::CertificateExpired(detail)
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                Failure::CertificateNotYetValid(detail)
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                Failure::CertificateNameMismatch(detail)
+            }
+            _ => Failure::CertificateUntrusted(detail),
+        },
+        _ => Failure::CertificateUntrusted(detail),
+    }
+}
+
+/// Maps a handshake error (as surfaced by tokio-rustls, an `io::Error` wrapping a
+/// `rustls::Error`) to the contract's failure class.
+pub fn classify_handshake_error(e: &std::io::Error, verdict: Option<CertVerdict>) -> Failure {
+    if let Some(CertVerdict::NotVerified(failure)) = verdict
+        && let Some(rustls::Error::InvalidCertificate(_)) = rustls_error(e)
+    {
+        return failure;
+    }
+    match rustls_error(e) {
+        Some(err @ rustls::Error::InvalidCertificate(_)) => classify_cert_error(err),
+        Some(
+            err @ (rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion)
+            | rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::ServerDoesNotSupportTls12Or13
+                | rustls::PeerIncompatible::Tls12NotOfferedOrEnabled
+                | rustls::PeerIncompatible::SupportedVersionsExtensionRequired,
+            )),
+        ) => Failure::TlsVersionTooOld(err.to_string()),
+        Some(err) => Failure::HandshakeFailed(err.to_string()),
+        None => match e.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe => Failure::ConnectionLost(e.to_string()),
+            std::io::ErrorKind::TimedOut => Failure::Timeout(e.to_string()),
+            _ => Failure::HandshakeFailed(e.to_string()),
+        },
+    }
+}
+
+fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
