@@ -312,24 +312,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     /// EHLO (HELO when EHLO is refused permanently); sets [`Client::capabilities`].
+    ///
+    /// Only `250` is an answer to EHLO or HELO (RFC 5321 §4.3.2). Anything else that is not a
+    /// refusal, such as an unsolicited `220` after the TLS handshake (HS-13) or a `354`, means
+    /// the two sides no longer agree on the dialogue: continuing would read every later reply
+    /// as the answer to the wrong command.
     pub async fn ehlo(&mut self, helo_name: &str) -> Result<(), SessionError> {
-        let reply = self
-            .command(&Command::Ehlo(helo_name.to_owned()), "EHLO", self.timeouts.command)
-            .await?;
-        if reply.is_positive() {
+        let ehlo = Command::Ehlo(helo_name.to_owned());
+        let reply = self.command(&ehlo, "EHLO", self.timeouts.command).await?;
+        if reply.code() == 250 {
             self.capabilities = Capabilities::from_reply(&reply);
             return Ok(());
         }
         if reply.severity() == Severity::PermanentNegative {
-            let reply = self
-                .command(&Command::Helo(helo_name.to_owned()), "HELO", self.timeouts.command)
-                .await?;
-            if reply.is_positive() {
+            let helo = Command::Helo(helo_name.to_owned());
+            let reply = self.command(&helo, "HELO", self.timeouts.command).await?;
+            if reply.code() == 250 {
                 self.capabilities = Capabilities::default();
                 return Ok(());
             }
+            return Err(SessionError::Command {
+                stage: "HELO",
+                reason: format!("refused: {}", reply.to_string().trim_end()),
+            });
         }
-        Err(SessionError::Command { stage: "EHLO", reason: format!("refused: {reply}") })
+        Err(SessionError::Command {
+            stage: "EHLO",
+            reason: format!("unexpected reply: {}", reply.to_string().trim_end()),
+        })
     }
 
     /// QUIT, ignoring the answer: the transaction's outcome is already known.
@@ -433,13 +443,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 record_rcpt(&mut results, &mut accepted, i, reply, &mail_reply);
             }
             let data = self.read_reply("DATA", self.timeouts.data_init).await?;
-            if !mail_reply.is_positive() {
+            if mail_reply.severity() != Severity::PositiveCompletion {
                 return Ok(fill(results, &mail_reply));
             }
             data
         } else {
             let mail_reply = self.command(&mail, "MAIL", timeout).await?;
-            if !mail_reply.is_positive() {
+            if mail_reply.severity() != Severity::PositiveCompletion {
                 return Ok(fill(results, &mail_reply));
             }
             for (i, rcpt) in envelope.rcpts.iter().enumerate() {
@@ -483,15 +493,16 @@ fn record_rcpt(
     reply: Reply,
     mail: &Reply,
 ) {
-    if !mail.is_positive() {
+    if mail.severity() != Severity::PositiveCompletion {
         return;
     }
     results[i] = Some(match reply.severity() {
-        Severity::PositiveCompletion | Severity::PositiveIntermediate => {
+        Severity::PositiveCompletion => {
             accepted.push(i);
             return;
         }
-        Severity::TransientNegative => RcptResult::Deferred(reply),
+        // A 3xx to RCPT makes no sense; treat it as a temporary failure of that recipient.
+        Severity::TransientNegative | Severity::PositiveIntermediate => RcptResult::Deferred(reply),
         Severity::PermanentNegative => RcptResult::Bounced(reply),
     });
 }

@@ -56,6 +56,8 @@ pub enum Status {
         ip: SocketAddr,
         /// TLS session, or `None` for plaintext.
         tls: Option<TlsInfo>,
+        /// How plaintext came about, when it did.
+        fallback: Fallback,
         /// The policy that decided.
         decided_by: String,
         /// The requirement it ran under.
@@ -77,6 +79,17 @@ pub enum Status {
         /// Why.
         reason: String,
     },
+}
+
+/// Why a delivery went out in plaintext.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Fallback {
+    /// No fallback: TLS, or plaintext because the requirement was `none`.
+    No,
+    /// STARTTLS missing or refused; the same connection continued in plaintext.
+    SameConnection,
+    /// TLS failed after STARTTLS was accepted; a new connection delivered without STARTTLS.
+    Reconnect,
 }
 
 /// The outcome for one recipient.
@@ -119,6 +132,7 @@ enum HostResult {
 /// How a transaction went through, for the outcome records.
 struct DeliveredVia {
     tls: Option<TlsInfo>,
+    fallback: Fallback,
     requirement: Requirement,
 }
 
@@ -193,7 +207,7 @@ impl Deliverer {
                             "{}tls={}:{}",
                             sep(&log),
                             requirement.level,
-                            tls_word(&via.tls)
+                            tls_word(&via.tls, via.fallback)
                         );
                         return self
                             .finish(chain, &ctx, &plan, host, addr, rcpts, results, via, log);
@@ -252,6 +266,7 @@ impl Deliverer {
                             mx: host.name.clone(),
                             ip: addr,
                             tls: via.tls.clone(),
+                            fallback: via.fallback,
                             decided_by: decided_by.clone(),
                             requirement: via.requirement.to_string(),
                             reply: reply.to_string().trim_end().to_owned(),
@@ -309,7 +324,8 @@ impl Deliverer {
             let Some(permit) = permit else {
                 return HostResult::Final(forced_plaintext_refused(requirement));
             };
-            return plaintext(client, &permit, &envelope, message.body, requirement).await;
+            return plaintext(client, &permit, &envelope, message.body, requirement, Fallback::No)
+                .await;
         }
         let offered = client.capabilities.starttls;
         let failure = if !offered && !requirement.level.is_forced() {
@@ -346,7 +362,11 @@ impl Deliverer {
                             tls_client.quit().await;
                             HostResult::Done(
                                 results,
-                                DeliveredVia { tls: Some(info), requirement: requirement.clone() },
+                                DeliveredVia {
+                                    tls: Some(info),
+                                    fallback: Fallback::No,
+                                    requirement: requirement.clone(),
+                                },
                             )
                         }
                         Err(e) => next("4.4.2", format!("{} [{}]: {e}", host.name, addr.ip())),
@@ -417,7 +437,8 @@ impl Deliverer {
         match response.action {
             Action::ContinuePlaintext => match (plain, permit) {
                 (Some(client), Some(permit)) => {
-                    plaintext(client, &permit, envelope, message.body, requirement).await
+                    let fallback = Fallback::SameConnection;
+                    plaintext(client, &permit, envelope, message.body, requirement, fallback).await
                 }
                 (_, None) => HostResult::Final(forced_plaintext_refused(requirement)),
                 (None, Some(_)) => HostResult::Final(Status::Deferred {
@@ -437,7 +458,9 @@ impl Deliverer {
                 }
                 match self.open(addr, &host.name).await {
                     Ok(client) => {
-                        plaintext(client, &permit, envelope, message.body, requirement).await
+                        let fallback = Fallback::Reconnect;
+                        plaintext(client, &permit, envelope, message.body, requirement, fallback)
+                            .await
                     }
                     Err(reason) => HostResult::Next { code: "4.4.1".into(), reason },
                 }
@@ -456,7 +479,8 @@ impl Deliverer {
         let (mut client, greeting) = Client::connect(addr, self.timeouts)
             .await
             .map_err(|e| format!("{mx} [{}]: {e}", addr.ip()))?;
-        if !greeting.is_positive() {
+        // Only 220 greets (RFC 5321 §4.3.1); a 554 refuses, and anything else is not SMTP.
+        if greeting.code() != 220 {
             return Err(format!(
                 "{mx} [{}] greeted with {}",
                 addr.ip(),
@@ -474,12 +498,16 @@ async fn plaintext(
     envelope: &Envelope<'_>,
     body: &[u8],
     requirement: &Requirement,
+    fallback: Fallback,
 ) -> HostResult {
     let peer = client.peer();
     match client.transaction_plaintext(permit, envelope, body).await {
         Ok(results) => {
             client.quit().await;
-            HostResult::Done(results, DeliveredVia { tls: None, requirement: requirement.clone() })
+            HostResult::Done(
+                results,
+                DeliveredVia { tls: None, fallback, requirement: requirement.clone() },
+            )
         }
         Err(e) => {
             HostResult::Next { code: "4.4.2".into(), reason: format!("[{}]: {e}", peer.ip()) }
@@ -503,9 +531,13 @@ fn server_name(mx: &str, addr: SocketAddr) -> ServerName<'static> {
     }
 }
 
-fn tls_word(tls: &Option<TlsInfo>) -> String {
+fn tls_word(tls: &Option<TlsInfo>, fallback: Fallback) -> String {
     match tls {
-        None => "plaintext".to_owned(),
+        None => match fallback {
+            Fallback::No => "plaintext".to_owned(),
+            Fallback::SameConnection => "plaintext(fallback)".to_owned(),
+            Fallback::Reconnect => "plaintext(reconnect)".to_owned(),
+        },
         Some(info) => format!(
             "{}{}",
             match info.version {

@@ -1,0 +1,191 @@
+//! A reference delivery client implementing the team's decisions (research §7), used to check
+//! that every fake server behaves as its scenario's expected outcomes claim. It is a test
+//! oracle for the catalogue, not a relay: one message, no queue, no retries in time.
+
+use std::io;
+use std::sync::Arc;
+
+use postwarden_sim::fleet::RouteMx;
+use postwarden_sim::scenario::{Outcome, Policy};
+use postwarden_sim::{Fleet, Scenario};
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Client, Reply, connect, danger_unverified_config, upgrade, verifying_config};
+
+/// What happened to each recipient, and which MX host took the message.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Outcome per recipient, in the order given.
+    pub results: Vec<(String, Outcome)>,
+    /// The first label of the MX that accepted (any) recipient.
+    pub via: Option<String>,
+}
+
+/// How one attempt on one MX ended.
+enum Attempt {
+    /// The transaction ran; per-recipient outcomes.
+    Done(Vec<Outcome>),
+    /// TLS was not offered or was refused (forced policies only).
+    NoTls,
+    /// The handshake, or the TLS session before its first reply, failed.
+    TlsFailed,
+    /// Connection, greeting or protocol trouble: try the next MX.
+    Transient,
+}
+
+/// The security mode of the session carrying the transaction.
+#[derive(Clone, Copy)]
+enum Mode {
+    Starttls,
+    Reconnect,
+}
+
+/// Delivers one message for `locals` (local parts) to `scenario` under `policy`.
+pub async fn deliver(
+    fleet: &Fleet,
+    scenario: &Scenario,
+    policy: Policy,
+    locals: &[&str],
+) -> Delivery {
+    let domain = scenario.domain();
+    let rcpts: Vec<String> = locals.iter().map(|l| format!("{l}@{domain}")).collect();
+    let route = fleet.route(&domain).expect("route");
+    let mut last = Outcome::DEFER;
+    for mx in &route.mx {
+        let label = mx.host.split('.').next().unwrap_or_default().to_owned();
+        let attempt = attempt(mx, policy, Mode::Starttls, &rcpts).await;
+        let attempt = match attempt {
+            Attempt::TlsFailed if !policy.is_forced() => attempt_plain_reconnect(mx, &rcpts).await,
+            other => other,
+        };
+        match attempt {
+            Attempt::Done(results) => {
+                let results = locals.iter().map(|l| (*l).to_owned()).zip(results).collect();
+                return Delivery { results, via: Some(label) };
+            }
+            Attempt::NoTls => last = Outcome::DEFER_NO_TLS,
+            Attempt::TlsFailed => last = Outcome::DEFER_TLS_FAILED,
+            Attempt::Transient => last = Outcome::DEFER,
+        }
+    }
+    Delivery { results: locals.iter().map(|l| ((*l).to_owned(), last)).collect(), via: None }
+}
+
+async fn attempt_plain_reconnect(mx: &RouteMx, rcpts: &[String]) -> Attempt {
+    attempt(mx, Policy::Opportunistic, Mode::Reconnect, rcpts).await
+}
+
+async fn attempt(mx: &RouteMx, policy: Policy, mode: Mode, rcpts: &[String]) -> Attempt {
+    let Ok((mut client, greeting)) = connect(mx.addr()).await else {
+        return Attempt::Transient;
+    };
+    if greeting.code != 220 {
+        let _ = client.command("QUIT").await;
+        return Attempt::Transient;
+    }
+    let Some(ehlo) = hello(&mut client).await else {
+        return Attempt::Transient;
+    };
+    if let Mode::Reconnect = mode {
+        return transaction(&mut client, rcpts, Outcome::PlainReconnect).await;
+    }
+    let offered = ehlo.as_ref().is_some_and(|r| r.has_capability("STARTTLS"));
+    if !offered && !policy.is_forced() {
+        return transaction(&mut client, rcpts, Outcome::Plain).await;
+    }
+    let reply = match client.command("STARTTLS").await {
+        Ok(reply) => reply,
+        Err(_) => return Attempt::Transient,
+    };
+    if reply.code == 421 {
+        return Attempt::Transient;
+    }
+    if !reply.is_positive() {
+        if policy.is_forced() {
+            let _ = client.command("QUIT").await;
+            return Attempt::NoTls;
+        }
+        return transaction(&mut client, rcpts, Outcome::Plain).await;
+    }
+    let config: Arc<ClientConfig> = match policy {
+        Policy::ForcedVerify => verifying_config(),
+        Policy::Opportunistic | Policy::Forced => danger_unverified_config(),
+    };
+    let Ok(mut tls) = upgrade(client, config, &mx.host).await else {
+        return Attempt::TlsFailed;
+    };
+    match tls.command("EHLO relay.test").await {
+        Ok(reply) if reply.code == 250 => {}
+        Ok(_) => {
+            let _ = tls.command("QUIT").await;
+            return Attempt::Transient;
+        }
+        // No reply ever came over the new TLS session: a TLS failure (HS-09, HS-12).
+        Err(_) => return Attempt::TlsFailed,
+    }
+    transaction(&mut tls, rcpts, Outcome::Tls).await
+}
+
+/// EHLO, falling back to HELO on a 5xx. `Some(None)` means HELO was used (no extensions).
+async fn hello<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>) -> Option<Option<Reply>> {
+    let ehlo = client.command("EHLO relay.test").await.ok()?;
+    if ehlo.is_positive() {
+        return Some(Some(ehlo));
+    }
+    if !(500..600).contains(&ehlo.code) {
+        return None;
+    }
+    let helo = client.command("HELO relay.test").await.ok()?;
+    helo.is_positive().then_some(None)
+}
+
+fn classify(reply: &io::Result<Reply>) -> Option<Outcome> {
+    match reply {
+        Ok(r) if r.is_positive() => None,
+        Ok(r) if (500..600).contains(&r.code) => Some(Outcome::Bounce),
+        _ => Some(Outcome::DEFER),
+    }
+}
+
+async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+    rcpts: &[String],
+    delivered: Outcome,
+) -> Attempt {
+    let mail = client.command("MAIL FROM:<sender@relay.test>").await;
+    if let Some(failed) = classify(&mail) {
+        return Attempt::Done(vec![failed; rcpts.len()]);
+    }
+    let mut results: Vec<Option<Outcome>> = Vec::new();
+    for rcpt in rcpts {
+        let reply = client.command(&format!("RCPT TO:<{rcpt}>")).await;
+        let broken = reply.is_err();
+        results.push(classify(&reply));
+        if broken {
+            results.resize(rcpts.len(), Some(Outcome::DEFER));
+            return Attempt::Done(
+                results.into_iter().map(|r| r.unwrap_or(Outcome::DEFER)).collect(),
+            );
+        }
+    }
+    if results.iter().all(Option::is_some) {
+        let _ = client.command("QUIT").await;
+        return Attempt::Done(results.into_iter().flatten().collect());
+    }
+    let data = client.command("DATA").await;
+    let end = match data {
+        Ok(r) if r.code == 354 => {
+            if client.send(b"Subject: simulator\r\n\r\nhello\r\n.\r\n").await.is_err() {
+                Some(Outcome::DEFER)
+            } else {
+                classify(&client.reply().await)
+            }
+        }
+        other => Some(classify(&other).unwrap_or(Outcome::DEFER)),
+    };
+    let _ = client.command("QUIT").await;
+    client.shutdown().await;
+    let accepted = end.unwrap_or(delivered);
+    Attempt::Done(results.into_iter().map(|r| r.unwrap_or(accepted)).collect())
+}
