@@ -4,4 +4,5 @@
 //! - [`wasm`]: the bundled policies and test fixtures, built to wasm components on demand.
 
 pub mod chains;
+pub mod sim;
 pub mod wasm;

@@ -413,3 +413,19 @@ sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
     let err = chains::load(toml).err().unwrap().to_string();
     assert!(err.contains("policy `forced`") && err.contains("but the config pins 0000"), "{err}");
 }
+
+/// The relay calls policies from its Tokio tasks; a guest that imports WASI must work there too
+/// (wasmtime-wasi's synchronous bindings would otherwise try to start a runtime inside one).
+#[tokio::test(flavor = "current_thread")]
+async fn wasi_guests_work_inside_the_relays_runtime() {
+    let (chain, _engine, _dir) = chains::load(&broken("escape")).unwrap();
+    let (decision, logs) = chain.policies()[0].plan(&ctx("example.org"));
+    assert_eq!(
+        decision,
+        Ok(postwarden::policy::Decision::Require(Requirement::new(TlsLevel::Encrypt))),
+        "{logs:?}"
+    );
+    let (chain, _engine, _dir) = chains::load(&broken("trap")).unwrap();
+    let plan = chain.plan(&ctx("example.org"));
+    assert!(matches!(plan.verdict, Verdict::Defer { .. }), "{plan:?}");
+}

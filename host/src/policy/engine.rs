@@ -235,6 +235,7 @@ impl PolicyEngine {
         let parts = Parts {
             name: Arc::from(name.as_str()),
             exports: pre,
+            needs_wasi: info.imports_wasi,
             engine: self.runtime(source.bytes.len())?.engine.clone(),
             limits: source.limits,
             kv,

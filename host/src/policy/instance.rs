@@ -104,6 +104,7 @@ pub struct LoadedPolicy {
     name: Arc<str>,
     exports: Exports,
     engine: wasmtime::Engine,
+    needs_wasi: bool,
     limits: Limits,
     table: Arc<HashMap<String, String>>,
     kv: Arc<dyn KvStore>,
@@ -125,6 +126,7 @@ impl std::fmt::Debug for LoadedPolicy {
 pub(super) struct Parts {
     pub name: Arc<str>,
     pub exports: Exports,
+    pub needs_wasi: bool,
     pub engine: wasmtime::Engine,
     pub limits: Limits,
     pub kv: Arc<dyn KvStore>,
@@ -137,6 +139,7 @@ impl LoadedPolicy {
         let mut policy = LoadedPolicy {
             name: parts.name,
             exports: parts.exports,
+            needs_wasi: parts.needs_wasi,
             engine: parts.engine,
             limits: parts.limits,
             table: Arc::new(HashMap::new()),
@@ -208,36 +211,68 @@ impl LoadedPolicy {
 
     /// Instantiates the component in a fresh store and runs `f` under the limits. Returns the
     /// store's state too, so callers can collect logs and table writes.
-    fn call<R>(
+    fn call<R: Send>(
         &self,
         configuring: bool,
-        f: impl FnOnce(&Exports, &mut Store<StoreState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&Exports, &mut Store<StoreState>) -> wasmtime::Result<R> + Send,
     ) -> (Result<R, PolicyFault>, StoreState) {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let limits = match configuring {
             true => (self.limits.configure_deadline, self.limits.configure_memory),
             false => (self.limits.deadline, self.limits.memory),
         };
-        let state = StoreState {
+        let mut store = Store::new(&self.engine, self.state(configuring, limits.1));
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(super::engine::deadline_ticks(limits.0));
+        store.epoch_deadline_trap();
+
+        // wasmtime-wasi's synchronous bindings block on a Tokio runtime of their own, which
+        // panics on a thread that already drives one (the relay's). Calls into guests that
+        // import WASI therefore run on a short-lived thread of their own when a runtime is
+        // present; guests without WASI imports (the bundled Rust policies) never pay for it.
+        let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+        let outcome = if self.needs_wasi && in_runtime {
+            let exports = &self.exports;
+            std::thread::scope(|scope| {
+                let worker = scope.spawn(move || {
+                    let result = f(exports, &mut store);
+                    (result, store)
+                });
+                worker.join().map_err(|_| ())
+            })
+        } else {
+            let result = f(&self.exports, &mut store);
+            Ok((result, store))
+        };
+        let (result, store) = match outcome {
+            Ok(done) => done,
+            // A panic on the host side of a WASI call took the store with its thread. Fail
+            // closed like any other fault; the relay goes on.
+            Err(()) => {
+                let fault = PolicyFault::Trap("the policy's worker thread panicked".to_owned());
+                return (Err(fault), self.state(configuring, limits.1));
+            }
+        };
+        let mut state = store.into_data();
+        state.flush_stdio();
+        (result.map_err(|e| classify(&state, limits, e)), state)
+    }
+}
+
+impl LoadedPolicy {
+    /// A fresh store's data.
+    fn state(&self, configuring: bool, max_memory: usize) -> StoreState {
+        StoreState {
             name: self.name.clone(),
             table: self.table.clone(),
             table_writes: configuring.then(HashMap::new),
             kv: self.kv.clone(),
             logs: Vec::new(),
-            limiter: Limiter { max_memory: limits.1, exceeded: false },
+            limiter: Limiter { max_memory, exceeded: false },
             // Created on the guest's first WASI call: most calls make none, and building a
             // WASI context would double the cost of a decision.
             wasi: None,
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(super::engine::deadline_ticks(limits.0));
-        store.epoch_deadline_trap();
-
-        let result = f(&self.exports, &mut store);
-        let mut state = store.into_data();
-        state.flush_stdio();
-        (result.map_err(|e| classify(&state, limits, e)), state)
+        }
     }
 }
 

@@ -1,0 +1,157 @@
+//! The delivery engine end to end: real wasm policies, real sockets, real TLS, the simulator's
+//! servers. Every policy action, the host's overriding rules, and the outcome records.
+
+#![allow(clippy::unwrap_used)]
+
+use postwarden::delivery::{Fallback, Status};
+use postwarden::policy::TlsVersion;
+use postwarden_sim::transcript::Event;
+use postwarden_tests::{chains, sim};
+
+const OPPORTUNISTIC: &str =
+    "[[policy]]\nname = \"opportunistic\"\npath = \"{wasm:opportunistic}\"\n";
+const FORCED: &str = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n[policy.settings.domains]\n\".sim.test\" = \"encrypt\"\n";
+
+fn broken(mode: &str) -> String {
+    format!(
+        "[[policy]]\nname = \"broken\"\npath = \"{{wasm:broken-policy}}\"\nsettings = {{ mode = \"{mode}\" }}\n"
+    )
+}
+
+fn status(outcome: &postwarden::delivery::DomainOutcome) -> &Status {
+    &outcome.recipients[0].status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_over_tls_with_a_complete_record() {
+    let (fleet, deliverer) = sim::fleet(&["CAP-01"]).await.unwrap();
+    let (chain, _engine, _dir) = chains::load(OPPORTUNISTIC).unwrap();
+    let outcome = sim::send(&deliverer, &chain, "cap-01.sim.test", false, false).await;
+    match status(&outcome) {
+        Status::Delivered {
+            mx, tls: Some(tls), fallback, decided_by, requirement, reply, ..
+        } => {
+            assert_eq!(mx, "mx1.cap-01.sim.test");
+            assert_eq!(tls.version, TlsVersion::Tls13);
+            assert!(tls.cipher.starts_with("TLS13_"), "{}", tls.cipher);
+            assert!(tls.verified, "the test CA is trusted and the name matches");
+            assert_eq!(
+                (*fallback, decided_by.as_str(), requirement.as_str()),
+                (Fallback::No, "opportunistic", "may")
+            );
+            assert!(reply.starts_with("250"), "{reply}");
+        }
+        other => panic!("expected TLS delivery, got {other:?}"),
+    }
+    assert_eq!(outcome.tls_log, "tls=may:tls1.3,verified");
+    let transcript = fleet.transcript("cap-01.sim.test");
+    let accepted = transcript
+        .connections
+        .iter()
+        .flat_map(|c| &c.events)
+        .any(|e| matches!(e, Event::MessageAccepted { tls: true, .. }));
+    assert!(accepted, "the server saw the message inside TLS");
+}
+
+/// continue-plaintext (O, STARTTLS not offered), reconnect-plaintext (O, handshake alert),
+/// next-mx (F, first MX without STARTTLS), defer (F, not offered), bounce (a policy that
+/// bounces): each action carried out over the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_policy_action_end_to_end() {
+    let (fleet, deliverer) = sim::fleet(&["CAP-02", "HS-01", "MX-01"]).await.unwrap();
+    let (o, _e1, _d1) = chains::load(OPPORTUNISTIC).unwrap();
+    let (f, _e2, _d2) = chains::load(FORCED).unwrap();
+    let (b, _e3, _d3) = chains::load(&broken("bounce")).unwrap();
+
+    let out = sim::send(&deliverer, &o, "cap-02.sim.test", false, false).await;
+    assert!(
+        matches!(
+            status(&out),
+            Status::Delivered { tls: None, fallback: Fallback::SameConnection, .. }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(fleet.transcript("cap-02.sim.test").connections.len(), 1, "same connection");
+
+    let out = sim::send(&deliverer, &o, "hs-01.sim.test", false, false).await;
+    assert!(
+        matches!(status(&out), Status::Delivered { tls: None, fallback: Fallback::Reconnect, .. }),
+        "{out:?}"
+    );
+    let transcript = fleet.transcript("hs-01.sim.test");
+    assert_eq!(transcript.connections.len(), 2, "a new connection after the failed handshake");
+    let second_sent_starttls = transcript.connections[1].events.iter().any(
+        |e| matches!(e, Event::Received { line, .. } if line.eq_ignore_ascii_case("STARTTLS")),
+    );
+    assert!(!second_sent_starttls, "the reconnection must not try STARTTLS again");
+
+    let out = sim::send(&deliverer, &f, "mx-01.sim.test", false, false).await;
+    match status(&out) {
+        Status::Delivered { mx, tls: Some(_), .. } => assert_eq!(mx, "mx2.mx-01.sim.test"),
+        other => panic!("expected TLS via mx2, got {other:?}"),
+    }
+    assert_eq!(out.tls_log, "tls=encrypt:next(4.7.4) tls=encrypt:tls1.3,verified");
+
+    let out = sim::send(&deliverer, &f, "cap-02.sim.test", false, false).await;
+    assert_eq!(
+        status(&out),
+        &Status::Deferred {
+            code: "4.7.4".into(),
+            reason: "TLS is required, but was not offered by mx1.cap-02.sim.test".into()
+        }
+    );
+
+    let out = sim::send(&deliverer, &b, "cap-02.sim.test", false, false).await;
+    assert_eq!(
+        status(&out),
+        &Status::Bounced {
+            code: "5.7.4".into(),
+            reason: "bounced by policy: TLS is mandatory here".into()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requiretls_is_never_sent_in_plaintext_and_needs_the_next_hop_to_advertise_it() {
+    let (fleet, deliverer) = sim::fleet(&["CAP-01", "CAP-02"]).await.unwrap();
+    let (o, _e, _d) = chains::load(OPPORTUNISTIC).unwrap();
+    let out = sim::send(&deliverer, &o, "cap-02.sim.test", true, false).await;
+    assert!(matches!(status(&out), Status::Bounced { code, .. } if code == "5.7.30"), "{out:?}");
+    let mail_sent = fleet
+        .transcript("cap-02.sim.test")
+        .connections
+        .iter()
+        .flat_map(|c| &c.events)
+        .any(|e| matches!(e, Event::Received { line, .. } if line.to_ascii_uppercase().starts_with("MAIL")));
+    assert!(!mail_sent, "MAIL crossed a plaintext connection for a REQUIRETLS message");
+    // Verified TLS, but the server does not advertise REQUIRETLS (RFC 8689 §4.2.1).
+    let out = sim::send(&deliverer, &o, "cap-01.sim.test", true, false).await;
+    assert!(
+        matches!(status(&out), Status::Bounced { code, reason } if code == "5.7.30" && reason.contains("does not advertise REQUIRETLS")),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_no_header_relaxes_forced_tls() {
+    let (_fleet, deliverer) = sim::fleet(&["CAP-02"]).await.unwrap();
+    let (f, _e, _d) = chains::load(FORCED).unwrap();
+    let out = sim::send(&deliverer, &f, "cap-02.sim.test", false, true).await;
+    assert!(matches!(status(&out), Status::Delivered { tls: None, .. }), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulty_policy_defers_before_any_connection() {
+    let (fleet, deliverer) = sim::fleet(&["CAP-01"]).await.unwrap();
+    let (chain, _e, _d) = chains::load(&broken("trap")).unwrap();
+    let out = sim::send(&deliverer, &chain, "cap-01.sim.test", false, false).await;
+    assert!(
+        matches!(status(&out), Status::Deferred { code, reason } if code == "4.7.0" && reason.starts_with("policy `broken` trapped")),
+        "{out:?}"
+    );
+    assert_eq!(out.tls_log, "tls=fault:defer");
+    assert!(
+        fleet.transcript("cap-01.sim.test").connections.is_empty(),
+        "no connection may be made"
+    );
+}
