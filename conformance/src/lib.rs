@@ -236,6 +236,11 @@ async fn run_one(
     for violation in postwarden_sim::check(scenario.id, &transcript, forced) {
         problems.push(format!("invariant {violation}"));
     }
+    for recipient in &outcome.recipients {
+        if let Some(problem) = forged_reply(&recipient.status, &transcript) {
+            problems.push(format!("invariant I3 violated: {problem}"));
+        }
+    }
     fleet.shutdown().await;
     Ok(ScenarioResult {
         id: scenario.id.to_owned(),
@@ -276,6 +281,28 @@ fn judge(
             problems.push(format!("{local}: expected delivery via {via}, got {mx}"));
         }
     }
+}
+
+/// I3 seen from both ends: the reply the relay took as "message accepted" must be one the server
+/// actually wrote, on the same side of the TLS boundary as the transaction. A reply injected
+/// before the handshake and read afterwards (the CVE-2011-0411 class on the client side) shows
+/// up here as a delivery "confirmed" by text the server never sent inside TLS.
+fn forged_reply(
+    status: &Status,
+    transcript: &postwarden_sim::transcript::Transcript,
+) -> Option<String> {
+    let Status::Delivered { reply, tls, .. } = status else { return None };
+    let inside_tls = tls.is_some();
+    let sent_by_server = transcript.connections.iter().flat_map(|c| &c.events).any(|event| {
+        matches!(event, postwarden_sim::transcript::Event::Sent { reply: sent, tls }
+            if *tls == inside_tls && sent.lines().any(|line| line.trim_end() == reply.lines().last().unwrap_or_default().trim_end()))
+    });
+    (!sent_by_server).then(|| {
+        format!(
+            "the relay counted the delivery on `{reply}`, which the server never sent {}",
+            if inside_tls { "inside TLS" } else { "in plaintext" }
+        )
+    })
 }
 
 fn observe(status: &Status) -> Observed {
