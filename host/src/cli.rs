@@ -37,6 +37,44 @@ pub enum Command {
     /// Work with policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Inspect and manage the queue.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+/// `postwarden queue ...`
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// One line per queued message.
+    List {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// A message's envelope, recipients and last errors.
+    Show {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Queue id.
+        id: String,
+    },
+    /// Make messages due now (all, or one).
+    Retry {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Queue id (default: every message).
+        id: Option<String>,
+    },
+    /// Remove a message without delivering it.
+    Delete {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Queue id.
+        id: String,
+    },
 }
 
 /// `postwarden policy ...`
@@ -151,6 +189,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             explain(&config, &ctx, failure.as_deref(), &mut out)?
         }
         Command::Policy(PolicyCommand::State(cmd)) => state(cmd, &mut out)?,
+        Command::Queue(cmd) => queue(cmd, &mut out)?,
     };
     print!("{out}");
     Ok(code)
@@ -308,6 +347,81 @@ fn state(cmd: StateCommand, out: &mut String) -> anyhow::Result<ExitCode> {
     }
     if domain.is_some() && out.is_empty() {
         writeln!(out, "nothing remembered about {}", domain.unwrap_or_default())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `queue ...`.
+pub fn queue(cmd: QueueCommand, out: &mut String) -> anyhow::Result<ExitCode> {
+    use crate::queue::store::{QueueStore, RecipientState, SpoolDir};
+    let config_path = match &cmd {
+        QueueCommand::List { config }
+        | QueueCommand::Show { config, .. }
+        | QueueCommand::Retry { config, .. }
+        | QueueCommand::Delete { config, .. } => config,
+    };
+    let config = Config::load(config_path)?;
+    let store = SpoolDir::open(&config.queue.dir)?;
+    match cmd {
+        QueueCommand::List { .. } => {
+            let now = crate::queue::store::now();
+            let list = store.list()?;
+            for e in &list {
+                let pending = e.pending().count();
+                let first = e.pending().next().map_or("", |r| r.address.as_str());
+                let last = e
+                    .pending()
+                    .find_map(|r| r.last.as_ref())
+                    .map_or(String::new(), |(c, r)| format!("{c} {r}"));
+                writeln!(
+                    out,
+                    "{}  age {}s  attempts {}  next in {}s  from <{}>  {pending} pending (first {first})  {last}",
+                    e.id,
+                    now.saturating_sub(e.created),
+                    e.attempts,
+                    e.next_attempt.saturating_sub(now),
+                    e.mail_from,
+                )?;
+            }
+            writeln!(out, "{} messages", list.len())?;
+        }
+        QueueCommand::Show { id, .. } => {
+            let e = store.envelope(&id)?;
+            writeln!(out, "id:          {}", e.id)?;
+            writeln!(out, "from:        <{}>", e.mail_from)?;
+            writeln!(out, "created:     {}", e.created)?;
+            writeln!(out, "attempts:    {}", e.attempts)?;
+            writeln!(out, "next:        {}", e.next_attempt)?;
+            writeln!(out, "requiretls:  {}", e.requiretls)?;
+            for r in &e.rcpts {
+                let state = match r.state {
+                    RecipientState::Pending => "pending",
+                    RecipientState::Delivered => "delivered",
+                    RecipientState::Bounced => "bounced",
+                };
+                let last = r.last.as_ref().map_or(String::new(), |(c, t)| format!(" {c} {t}"));
+                writeln!(out, "rcpt:        <{}> {state}{last} [{}]", r.address, r.tls_log)?;
+            }
+        }
+        QueueCommand::Retry { id: Some(id), .. } => {
+            let mut e = store.envelope(&id)?;
+            e.next_attempt = 0;
+            store.update(&e)?;
+            writeln!(out, "{id}: due now (a running relay picks it up within a minute)")?;
+        }
+        QueueCommand::Retry { id: None, .. } => {
+            let mut n = 0;
+            for mut e in store.list()? {
+                e.next_attempt = 0;
+                store.update(&e)?;
+                n += 1;
+            }
+            writeln!(out, "{n} messages due now")?;
+        }
+        QueueCommand::Delete { id, .. } => {
+            store.remove(&id)?;
+            writeln!(out, "{id}: deleted")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

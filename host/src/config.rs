@@ -26,6 +26,81 @@ pub struct Config {
     /// Trust anchors for outbound TLS.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// The durable queue.
+    #[serde(default)]
+    pub queue: QueueConfig,
+}
+
+/// `[queue]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// The spool directory (default `/var/spool/postwarden`).
+    #[serde(default = "default_spool")]
+    pub dir: PathBuf,
+    /// First retry delay in seconds (default 300, Postfix's `minimal_backoff_time`).
+    #[serde(default = "default_min_backoff")]
+    pub min_backoff: u64,
+    /// Longest retry delay in seconds (default 4000, Postfix's `maximal_backoff_time`).
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: u64,
+    /// Seconds after which undelivered recipients bounce (default 432000: 5 days).
+    #[serde(default = "default_lifetime")]
+    pub max_lifetime: u64,
+    /// Seconds after which the sender gets a delay warning (default: never). Forced-TLS
+    /// failures otherwise sit silently in the queue.
+    #[serde(default)]
+    pub delay_warning: Option<u64>,
+    /// Messages delivered at once (default 20).
+    #[serde(default = "default_queue_concurrency")]
+    pub concurrency: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            dir: default_spool(),
+            min_backoff: default_min_backoff(),
+            max_backoff: default_max_backoff(),
+            max_lifetime: default_lifetime(),
+            delay_warning: None,
+            concurrency: default_queue_concurrency(),
+        }
+    }
+}
+
+impl QueueConfig {
+    /// As the queue's options; `hostname` names the relay in DSNs.
+    pub fn options(&self, hostname: &str) -> crate::queue::QueueOptions {
+        crate::queue::QueueOptions {
+            min_backoff: Duration::from_secs(self.min_backoff),
+            max_backoff: Duration::from_secs(self.max_backoff.max(self.min_backoff)),
+            max_lifetime: Duration::from_secs(self.max_lifetime),
+            delay_warning: self.delay_warning.map(Duration::from_secs),
+            concurrency: self.concurrency.max(1),
+            hostname: hostname.to_owned(),
+        }
+    }
+}
+
+fn default_spool() -> PathBuf {
+    PathBuf::from("/var/spool/postwarden")
+}
+
+fn default_min_backoff() -> u64 {
+    300
+}
+
+fn default_max_backoff() -> u64 {
+    4000
+}
+
+fn default_lifetime() -> u64 {
+    5 * 86_400
+}
+
+fn default_queue_concurrency() -> usize {
+    20
 }
 
 /// `[delivery]`.
@@ -360,6 +435,7 @@ impl Config {
         for ca in &mut self.tls.ca_files {
             resolve(ca);
         }
+        resolve(&mut self.queue.dir);
     }
 
     fn validate(&self) -> Result<(), String> {

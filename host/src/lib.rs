@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML configuration.
 //! - [`delivery`]: outbound delivery (routing, STARTTLS, policy-driven outcomes).
 //! - [`policy`]: the policy engine (contract, wasmtime, chain, fail-closed rules).
+//! - [`queue`]: the durable queue, retries and DSNs.
 //! - [`smtp`]: the SMTP client's wire format, sans-IO.
 //! - [`cli`]: the `postwarden` command's subcommands.
 
@@ -12,4 +13,5 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod policy;
+pub mod queue;
 pub mod smtp;

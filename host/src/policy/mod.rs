@@ -31,6 +31,33 @@ pub use types::{
 
 use crate::config::{Config, PolicyConfig};
 
+/// The chain in force, swappable at run time (SIGHUP): in-flight deliveries keep the chain
+/// they started with; a reload that fails to load keeps the previous chain.
+#[derive(Debug)]
+pub struct ChainHandle {
+    current: std::sync::RwLock<Arc<Chain>>,
+}
+
+impl ChainHandle {
+    /// A handle holding `chain`.
+    pub fn new(chain: Chain) -> Self {
+        ChainHandle { current: std::sync::RwLock::new(Arc::new(chain)) }
+    }
+
+    /// The chain in force.
+    pub fn current(&self) -> Arc<Chain> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Loads the chain described by `config` and, only if every policy loads and configures,
+    /// puts it in force. On error the previous chain stays and the error is returned.
+    pub fn reload(&self, engine: &PolicyEngine, config: &Config) -> Result<(), LoadError> {
+        let chain = load_chain(engine, config, StateMode::Persistent)?;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(chain);
+        Ok(())
+    }
+}
+
 /// How policy state is kept when loading a chain.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum StateMode {

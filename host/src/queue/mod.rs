@@ -1,0 +1,336 @@
+//! The queue: durable storage of accepted messages, the retry schedule, and DSNs.
+//!
+//! # Layout
+//! - [`store`]: the spool directory behind the [`store::QueueStore`] trait (fsync + rename).
+//! - [`dsn`]: RFC 3464 bounces and delay warnings.
+//! - this module: [`Queue`]: accepting (durably), the scheduler loop, per-recipient outcomes,
+//!   exponential backoff, the maximal lifetime.
+
+pub mod dsn;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+
+use self::store::{Envelope, QueueStore, Recipient, RecipientState, StoreError, now};
+use crate::delivery::{Deliverer, Message, Status};
+use crate::policy::ChainHandle;
+
+/// Retry and lifetime settings (Postfix-like defaults).
+#[derive(Clone, Debug)]
+pub struct QueueOptions {
+    /// First retry delay (Postfix `minimal_backoff_time`, 300 s).
+    pub min_backoff: Duration,
+    /// Longest retry delay (Postfix `maximal_backoff_time`, 4000 s).
+    pub max_backoff: Duration,
+    /// After this, pending recipients bounce (Postfix `maximal_queue_lifetime`, 5 days).
+    pub max_lifetime: Duration,
+    /// Send a delay warning once a message has waited this long (`None`: never).
+    pub delay_warning: Option<Duration>,
+    /// Messages delivered at the same time.
+    pub concurrency: usize,
+    /// The name in DSNs' `Reporting-MTA`.
+    pub hostname: String,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions {
+            min_backoff: Duration::from_secs(300),
+            max_backoff: Duration::from_secs(4000),
+            max_lifetime: Duration::from_secs(5 * 86_400),
+            delay_warning: None,
+            concurrency: 20,
+            hostname: "localhost".to_owned(),
+        }
+    }
+}
+
+/// A message to accept.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    /// Reverse-path (empty: null sender).
+    pub mail_from: String,
+    /// Recipients.
+    pub rcpts: Vec<String>,
+    /// Headers and body, CRLF.
+    pub body: Vec<u8>,
+    /// REQUIRETLS.
+    pub requiretls: bool,
+    /// `TLS-Required: No`.
+    pub tls_required_no: bool,
+}
+
+/// The queue and its scheduler.
+pub struct Queue {
+    store: Arc<dyn QueueStore>,
+    options: QueueOptions,
+    wake: Notify,
+}
+
+impl Queue {
+    /// A queue over `store`.
+    pub fn new(store: Arc<dyn QueueStore>, options: QueueOptions) -> Arc<Self> {
+        Arc::new(Queue { store, options, wake: Notify::new() })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn QueueStore> {
+        &self.store
+    }
+
+    /// Stores a message durably and wakes the scheduler. Returns the queue id only once the
+    /// message is on disk (fsync'd): the caller may then say 250.
+    pub fn accept(&self, message: NewMessage) -> Result<String, StoreError> {
+        let id = store::SpoolDir::new_id();
+        let envelope = Envelope {
+            id: id.clone(),
+            mail_from: message.mail_from,
+            rcpts: message
+                .rcpts
+                .into_iter()
+                .map(|address| Recipient {
+                    address,
+                    state: RecipientState::Pending,
+                    last: None,
+                    tls_log: String::new(),
+                })
+                .collect(),
+            created: now(),
+            attempts: 0,
+            next_attempt: 0,
+            requiretls: message.requiretls,
+            tls_required_no: message.tls_required_no,
+            warned: false,
+        };
+        self.store.insert(&envelope, &message.body)?;
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Makes every message due now (`postwarden queue retry` and tests).
+    pub fn retry_all(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for mut envelope in self.store.list()? {
+            envelope.next_attempt = 0;
+            self.store.update(&envelope)?;
+            n += 1;
+        }
+        self.wake.notify_one();
+        Ok(n)
+    }
+
+    /// Runs the scheduler until `shutdown` turns true: due messages are delivered, up to
+    /// `concurrency` at a time; in-flight deliveries finish before it returns.
+    pub async fn run(
+        self: Arc<Self>,
+        deliverer: Arc<Deliverer>,
+        chains: Arc<ChainHandle>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        let mut in_flight = tokio::task::JoinSet::new();
+        let busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let due = match self.store.list() {
+                Ok(list) => list,
+                Err(e) => {
+                    tracing::error!("queue scan failed: {e}");
+                    Vec::new()
+                }
+            };
+            let t = now();
+            let mut next_wake = t + 60;
+            for envelope in due {
+                if envelope.next_attempt > t {
+                    next_wake = next_wake.min(envelope.next_attempt);
+                    continue;
+                }
+                if !lock(&busy).insert(envelope.id.clone()) {
+                    continue;
+                }
+                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                let (queue, deliverer, chains, busy) =
+                    (self.clone(), deliverer.clone(), chains.clone(), busy.clone());
+                in_flight.spawn(async move {
+                    let id = envelope.id.clone();
+                    queue.attempt(envelope, &deliverer, &chains).await;
+                    lock(&busy).remove(&id);
+                    drop(permit);
+                });
+            }
+            while in_flight.try_join_next().is_some() {}
+            let sleep = Duration::from_secs(next_wake.saturating_sub(now()).clamp(1, 60));
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+                _ = in_flight.join_next(), if !in_flight.is_empty() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// One delivery attempt of one message, recipients grouped by domain.
+    async fn attempt(&self, mut envelope: Envelope, deliverer: &Deliverer, chains: &ChainHandle) {
+        let body = match self.store.body(&envelope.id) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(id = %envelope.id, "cannot read message: {e}");
+                return;
+            }
+        };
+        envelope.attempts += 1;
+        let age = now().saturating_sub(envelope.created);
+        let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in envelope.pending() {
+            let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase();
+            by_domain.entry(domain).or_default().push(r.address.clone());
+        }
+        let chain = chains.current();
+        let message = Message {
+            mail_from: &envelope.mail_from,
+            body: &body,
+            requiretls: envelope.requiretls,
+            tls_required_no: envelope.tls_required_no,
+            attempt: envelope.attempts,
+            age,
+        };
+        let mut results = Vec::new();
+        for (domain, rcpts) in &by_domain {
+            let outcome = deliverer.deliver(&chain, &message, domain, rcpts).await;
+            tracing::info!(id = %envelope.id, domain, tls = %outcome.tls_log, "delivery attempt");
+            results.push(outcome);
+        }
+        let mut bounced = Vec::new();
+        for outcome in results {
+            for r in outcome.recipients {
+                let Some(entry) = envelope.rcpts.iter_mut().find(|e| e.address == r.rcpt) else {
+                    continue;
+                };
+                entry.tls_log = outcome.tls_log.clone();
+                match r.status {
+                    Status::Delivered { mx, reply, .. } => {
+                        entry.state = RecipientState::Delivered;
+                        entry.last = Some(("2.0.0".into(), format!("delivered to {mx}: {reply}")));
+                    }
+                    Status::Bounced { code, reason } => {
+                        entry.state = RecipientState::Bounced;
+                        entry.last = Some((code.clone(), reason.clone()));
+                        bounced.push(dsn::DsnRecipient {
+                            address: r.rcpt,
+                            action: "failed",
+                            status: code,
+                            diagnostic: reason,
+                        });
+                    }
+                    Status::Deferred { code, reason } => entry.last = Some((code, reason)),
+                }
+            }
+        }
+        if !envelope.is_done() && age >= self.options.max_lifetime.as_secs() {
+            for entry in envelope.rcpts.iter_mut().filter(|e| e.state == RecipientState::Pending) {
+                entry.state = RecipientState::Bounced;
+                let (code, reason) =
+                    entry.last.clone().unwrap_or(("4.4.7".into(), "no attempt succeeded".into()));
+                bounced.push(dsn::DsnRecipient {
+                    address: entry.address.clone(),
+                    action: "failed",
+                    status: code,
+                    diagnostic: format!("delivery time expired; last error: {reason}"),
+                });
+            }
+        }
+        if !bounced.is_empty() {
+            self.notify(&envelope, &body, &bounced);
+        }
+        if let (Some(after), false, false) =
+            (self.options.delay_warning, envelope.warned, envelope.is_done())
+            && age >= after.as_secs()
+        {
+            let delayed: Vec<_> = envelope
+                .pending()
+                .map(|e| {
+                    let (status, diagnostic) =
+                        e.last.clone().unwrap_or(("4.0.0".into(), "not yet delivered".into()));
+                    dsn::DsnRecipient {
+                        address: e.address.clone(),
+                        action: "delayed",
+                        status,
+                        diagnostic,
+                    }
+                })
+                .collect();
+            self.notify(&envelope, &body, &delayed);
+            envelope.warned = true;
+        }
+        let result = if envelope.is_done() {
+            self.store.remove(&envelope.id)
+        } else {
+            envelope.next_attempt = now() + self.backoff(envelope.attempts).as_secs();
+            self.store.update(&envelope)
+        };
+        if let Err(e) = result {
+            tracing::error!(id = %envelope.id, "cannot update the queue: {e}");
+        }
+    }
+
+    /// Exponential backoff: `min * 2^(attempts-1)`, capped at `max`.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempts.saturating_sub(1).min(20)).unwrap_or(u32::MAX);
+        self.options.min_backoff.saturating_mul(factor).min(self.options.max_backoff)
+    }
+
+    /// Queues a DSN to the sender, unless the message is itself a DSN (null sender).
+    fn notify(&self, envelope: &Envelope, body: &[u8], recipients: &[dsn::DsnRecipient]) {
+        if envelope.mail_from.is_empty() {
+            tracing::info!(id = %envelope.id, "not bouncing a bounce");
+            return;
+        }
+        let date = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc2822)
+            .unwrap_or_default();
+        let report = dsn::build(
+            &self.options.hostname,
+            &envelope.mail_from,
+            &envelope.id,
+            body,
+            recipients,
+            &date,
+        );
+        let message = NewMessage {
+            mail_from: String::new(),
+            rcpts: vec![envelope.mail_from.clone()],
+            body: report,
+            requiretls: false,
+            tls_required_no: false,
+        };
+        if let Err(e) = self.accept(message) {
+            tracing::error!(id = %envelope.id, "cannot queue the DSN: {e}");
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(store::SpoolDir::open(dir.path()).unwrap());
+        let queue = Queue::new(store, QueueOptions::default());
+        let secs: Vec<u64> = (1..=6).map(|n| queue.backoff(n).as_secs()).collect();
+        assert_eq!(secs, [300, 600, 1200, 2400, 4000, 4000]);
+    }
+}
