@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
 cargo build --locked --quiet --profile policy --target wasm32-unknown-unknown \
     -p opportunistic -p forced-tls -p postfix-map -p tofu
-cargo build --locked --quiet --release -p postwarden
+cargo build --locked --quiet --release -p postwarden-cli
 for domain in bank.example mx1.bank.example partner.example example.com legacy.example example.org; do
     ./target/release/postwarden policy explain --config examples/relay.toml "$domain" \
         --mx "mx.$domain" --failure starttls-not-offered
