@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod inbound;
 pub mod policy;
 pub mod queue;
 pub mod smtp;

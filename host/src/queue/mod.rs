@@ -69,17 +69,42 @@ pub struct Queue {
     store: Arc<dyn QueueStore>,
     options: QueueOptions,
     wake: Notify,
+    recent: std::sync::Mutex<std::collections::VecDeque<Attempted>>,
 }
+
+/// The outcome of one recipient's delivery attempt, kept in memory for status reports (the
+/// demo's table, the admin listener).
+#[derive(Clone, Debug)]
+pub struct Attempted {
+    /// Queue id.
+    pub id: String,
+    /// Recipient.
+    pub rcpt: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// What happened.
+    pub status: Status,
+    /// The TLS log field of the attempt.
+    pub tls_log: String,
+}
+
+/// How many [`Attempted`] records are kept.
+const RECENT: usize = 10_000;
 
 impl Queue {
     /// A queue over `store`.
     pub fn new(store: Arc<dyn QueueStore>, options: QueueOptions) -> Arc<Self> {
-        Arc::new(Queue { store, options, wake: Notify::new() })
+        Arc::new(Queue { store, options, wake: Notify::new(), recent: Default::default() })
     }
 
     /// The store.
     pub fn store(&self) -> &Arc<dyn QueueStore> {
         &self.store
+    }
+
+    /// The most recent attempt outcomes, oldest first.
+    pub fn recent(&self) -> Vec<Attempted> {
+        lock(&self.recent).iter().cloned().collect()
     }
 
     /// Stores a message durably and wakes the scheduler. Returns the queue id only once the
@@ -211,6 +236,13 @@ impl Queue {
         let mut bounced = Vec::new();
         for outcome in results {
             for r in outcome.recipients {
+                self.remember(Attempted {
+                    id: envelope.id.clone(),
+                    rcpt: r.rcpt.clone(),
+                    attempt: envelope.attempts,
+                    status: r.status.clone(),
+                    tls_log: outcome.tls_log.clone(),
+                });
                 let Some(entry) = envelope.rcpts.iter_mut().find(|e| e.address == r.rcpt) else {
                     continue;
                 };
@@ -279,6 +311,14 @@ impl Queue {
         if let Err(e) = result {
             tracing::error!(id = %envelope.id, "cannot update the queue: {e}");
         }
+    }
+
+    fn remember(&self, attempted: Attempted) {
+        let mut recent = lock(&self.recent);
+        if recent.len() >= RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(attempted);
     }
 
     /// Exponential backoff: `min * 2^(attempts-1)`, capped at `max`.
