@@ -29,6 +29,140 @@ pub struct Config {
     /// The durable queue.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// The SMTP listener that applications and other MTAs submit to.
+    #[serde(default)]
+    pub inbound: InboundConfig,
+}
+
+/// `[inbound]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Where to listen (default `127.0.0.1:2525`).
+    #[serde(default = "default_listen")]
+    pub listen: std::net::SocketAddr,
+    /// Networks allowed to relay without AUTH (default loopback only). Everyone else gets
+    /// `554 5.7.1`: never an open relay.
+    #[serde(default = "default_networks")]
+    pub relay_networks: Vec<crate::inbound::IpNet>,
+    /// Largest message in bytes (default 25 MiB).
+    #[serde(default = "default_max_message")]
+    pub max_message_size: usize,
+    /// Most recipients per message (default 100).
+    #[serde(default = "default_max_rcpts")]
+    pub max_recipients: usize,
+    /// Most simultaneous connections (default 100).
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Idle timeout in seconds (default 300).
+    #[serde(default = "default_idle")]
+    pub idle_timeout: u64,
+    /// PEM certificate chain for STARTTLS (with `tls_key`); none: STARTTLS not offered.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for STARTTLS.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// A credentials file for AUTH over TLS: one `user:sha256:<salt-hex>:<hash-hex>` per line.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        InboundConfig {
+            listen: default_listen(),
+            relay_networks: default_networks(),
+            max_message_size: default_max_message(),
+            max_recipients: default_max_rcpts(),
+            max_connections: default_max_conns(),
+            idle_timeout: default_idle(),
+            tls_cert: None,
+            tls_key: None,
+            credentials_file: None,
+        }
+    }
+}
+
+impl InboundConfig {
+    /// The server's options, reading the certificate and the credentials file.
+    pub fn options(&self, hostname: &str) -> Result<crate::inbound::InboundOptions, String> {
+        use rustls_pki_types::pem::PemObject;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("inbound.tls_cert ({}): {e}", cert.display()))?;
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("inbound.tls_key ({}): {e}", key.display()))?;
+                let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+                .map_err(|e| format!("inbound.tls_cert/tls_key: {e}"))?;
+                Some(std::sync::Arc::new(config))
+            }
+            _ => return Err("inbound.tls_cert and inbound.tls_key go together".to_owned()),
+        };
+        let mut credentials = std::collections::HashMap::new();
+        if let Some(path) = &self.credentials_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("inbound.credentials_file ({}): {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let Some((user, hash)) =
+                    line.split_once(':').filter(|(_, h)| h.starts_with("sha256:"))
+                else {
+                    return Err(format!(
+                        "inbound.credentials_file ({}) line {}: expected `user:sha256:<salt>:<hash>`",
+                        path.display(),
+                        n + 1
+                    ));
+                };
+                credentials.insert(user.to_owned(), hash.to_owned());
+            }
+        }
+        Ok(crate::inbound::InboundOptions {
+            hostname: hostname.to_owned(),
+            relay_networks: self.relay_networks.clone(),
+            max_message_size: self.max_message_size,
+            max_recipients: self.max_recipients,
+            max_connections: self.max_connections,
+            idle_timeout: Duration::from_secs(self.idle_timeout),
+            tls,
+            credentials,
+            ..Default::default()
+        })
+    }
+}
+
+fn default_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 2525))
+}
+
+fn default_networks() -> Vec<crate::inbound::IpNet> {
+    crate::inbound::IpNet::loopback().to_vec()
+}
+
+fn default_max_message() -> usize {
+    25 << 20
+}
+
+fn default_max_rcpts() -> usize {
+    100
+}
+
+fn default_max_conns() -> usize {
+    100
+}
+
+fn default_idle() -> u64 {
+    300
 }
 
 /// `[queue]`.
@@ -436,6 +570,16 @@ impl Config {
             resolve(ca);
         }
         resolve(&mut self.queue.dir);
+        for path in [
+            &mut self.inbound.tls_cert,
+            &mut self.inbound.tls_key,
+            &mut self.inbound.credentials_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(path);
+        }
     }
 
     fn validate(&self) -> Result<(), String> {

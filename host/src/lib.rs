@@ -6,6 +6,7 @@
 //! - [`delivery`]: outbound delivery (routing, STARTTLS, policy-driven outcomes).
 //! - [`policy`]: the policy engine (contract, wasmtime, chain, fail-closed rules).
 //! - [`queue`]: the durable queue, retries and DSNs.
+//! - [`service`]: the relay as a service: inbound → queue → delivery, reload, shutdown.
 //! - [`smtp`]: the SMTP client's wire format, sans-IO.
 //! - [`cli`]: the `postwarden` command's subcommands.
 
@@ -15,4 +16,5 @@ pub mod delivery;
 pub mod inbound;
 pub mod policy;
 pub mod queue;
+pub mod service;
 pub mod smtp;

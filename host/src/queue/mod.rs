@@ -185,7 +185,16 @@ impl Queue {
                     (self.clone(), deliverer.clone(), chains.clone(), busy.clone());
                 in_flight.spawn(async move {
                     let id = envelope.id.clone();
-                    queue.attempt(envelope, &deliverer, &chains).await;
+                    // The scan's copy may be stale: another task may have finished this message
+                    // (removed it, or rescheduled it) since. Only the stored envelope counts, or
+                    // a message could be delivered twice.
+                    match queue.store.envelope(&id) {
+                        Ok(fresh) if fresh.next_attempt <= now() => {
+                            queue.attempt(fresh, &deliverer, &chains).await;
+                        }
+                        Ok(_) | Err(StoreError::NotFound(_)) => {}
+                        Err(e) => tracing::error!(%id, "cannot read envelope: {e}"),
+                    }
                     lock(&busy).remove(&id);
                     drop(permit);
                 });
