@@ -73,16 +73,13 @@ fn submit_until_broken(
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
     let mut read_reply = || -> Option<String> {
-        let mut last = String::new();
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line).ok()? == 0 {
                 return None;
             }
-            let done = line.as_bytes().get(3) == Some(&b' ');
-            last = line;
-            if done {
-                return Some(last);
+            if line.as_bytes().get(3) == Some(&b' ') {
+                return Some(line);
             }
         }
     };
