@@ -110,7 +110,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             Some(Status::Delivered { tls, fallback, decided_by, requirement, .. }) => {
                 let (word, observed) = match (tls, fallback) {
                     (Some(t), _) => (
-                        format!("TLS {:?}{}", t.version, if t.verified { " verified" } else { "" }),
+                        format!(
+                            "TLS {}{}",
+                            match t.version {
+                                postwarden::policy::TlsVersion::Tls13 => "1.3",
+                                postwarden::policy::TlsVersion::Tls12 => "1.2",
+                            },
+                            if t.verified { " verified" } else { "" }
+                        ),
                         Outcome::Tls,
                     ),
                     (None, Fallback::Reconnect) => {
