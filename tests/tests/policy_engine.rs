@@ -429,3 +429,32 @@ async fn wasi_guests_work_inside_the_relays_runtime() {
     let plan = chain.plan(&ctx("example.org"));
     assert!(matches!(plan.verdict, Verdict::Defer { .. }), "{plan:?}");
 }
+
+/// SIGHUP semantics: a reload that fails (here: `configure` rejects the settings) keeps the
+/// running chain; a good one replaces it.
+#[test]
+fn a_failed_reload_keeps_the_running_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, engine) = chains::load_in(FORCED_THEN_OPPORTUNISTIC, dir.path()).unwrap();
+    let handle = postwarden::policy::ChainHandle::new(chain);
+    let bad = chains::config_in(
+        "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\nsettings = { domains = { \"a.example\" = \"may\" } }\n",
+        dir.path(),
+    )
+    .unwrap();
+    let err = handle.reload(&engine, &bad).unwrap_err().to_string();
+    assert!(err.contains("policy `forced`") && err.contains("level `may`"), "{err}");
+    assert_eq!(
+        level(&handle.current().plan(&ctx("bank.example")).verdict),
+        TlsLevel::Verify,
+        "old chain kept"
+    );
+
+    let good = chains::config_in(
+        "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\nsettings = { domains = { \"bank.example\" = \"encrypt\" } }\n",
+        dir.path(),
+    )
+    .unwrap();
+    handle.reload(&engine, &good).unwrap();
+    assert_eq!(level(&handle.current().plan(&ctx("bank.example")).verdict), TlsLevel::Encrypt);
+}

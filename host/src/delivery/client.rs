@@ -417,6 +417,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         message: &[u8],
     ) -> Result<Vec<RcptResult>, SessionError> {
         let caps = &self.capabilities;
+        if let Some(limit) = caps.size_limit()
+            && envelope.size > limit
+        {
+            // RFC 1870: don't send what the server announced it will refuse; it is permanent.
+            let text = format!(
+                "552 5.3.4 message of {} bytes exceeds the server's SIZE {limit}\r\n",
+                envelope.size
+            );
+            if let Some(reply) = synthetic(&text) {
+                return Ok(envelope
+                    .rcpts
+                    .iter()
+                    .map(|_| RcptResult::Bounced(reply.clone()))
+                    .collect());
+            }
+        }
         let mail = Command::Mail {
             from: envelope.mail_from.to_owned(),
             size: caps.size.is_some().then_some(envelope.size),
@@ -484,6 +500,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let final_reply = self.read_reply("final dot", self.timeouts.final_dot).await?;
         Ok(fill_accepted(results, &accepted, &final_reply))
     }
+}
+
+/// A reply of our own making (for outcomes decided without asking the server).
+fn synthetic(text: &str) -> Option<Reply> {
+    let mut buffer = ReplyBuffer::new();
+    buffer.extend(text.as_bytes()).ok()?;
+    buffer.next_reply().ok().flatten()
 }
 
 fn record_rcpt(
