@@ -7,10 +7,12 @@
 //!
 //! # Layout
 //! - [`expect`]: expectation files and outcome comparison.
+//! - [`external`]: black-box mode, judging any relay over SMTP from the fleet's side.
 //! - [`report`]: the table and JUnit XML.
 //! - this module: [`run`], one scenario at a time on a private fleet, all concurrently.
 
 pub mod expect;
+pub mod external;
 pub mod report;
 
 use std::collections::HashMap;

@@ -9,6 +9,7 @@
 //! The binary lives above both the relay and the simulator library; the library itself never
 //! depends on the relay.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -36,9 +37,25 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ConformanceArgs {
-    /// The policy component.
-    #[arg(long)]
-    policy: PathBuf,
+    /// The policy component (in-process mode).
+    #[arg(long, required_unless_present = "external")]
+    policy: Option<PathBuf>,
+    /// Black-box mode: submit over SMTP to the relay at HOST:PORT (configured to use this
+    /// fleet's DNS, port and CA) and judge from what reaches the fake servers.
+    #[arg(long, conflicts_with = "policy")]
+    external: Option<SocketAddr>,
+    /// Black-box mode: the fleet's common MX port (0: pick one and print it).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Black-box mode: the fleet's DNS port (0: pick one and print it).
+    #[arg(long, default_value_t = 0)]
+    dns_port: u16,
+    /// Black-box mode: where the CA is written (`ca.pem`).
+    #[arg(long, default_value = "postwarden-sim")]
+    dir: PathBuf,
+    /// Black-box mode: seconds to wait for outcomes; nothing by then counts as deferred.
+    #[arg(long, default_value_t = 60)]
+    window_secs: u64,
     /// The policy's settings: a JSON file (default: `{}`).
     #[arg(long)]
     settings: Option<PathBuf>,
@@ -99,19 +116,61 @@ async fn conformance(args: ConformanceArgs) -> anyhow::Result<bool> {
         None => "{}".to_owned(),
     };
     let expectations = postwarden_conformance::expect::Expectations::load(&args.expect)?;
-    let name = args
-        .policy
-        .file_stem()
-        .map_or_else(|| "policy".to_owned(), |s| s.to_string_lossy().into_owned());
-    let mut options = postwarden_conformance::RunOptions::new(
-        &name,
-        args.policy.clone(),
-        &settings,
-        expectations,
-    );
-    options.only = (!args.scenarios.is_empty()).then_some(args.scenarios);
-    options.timeout = Duration::from_millis(args.timeout_ms);
-    let report = postwarden_conformance::run(&options).await?;
+    let only = (!args.scenarios.is_empty()).then_some(args.scenarios);
+    let report = match (&args.policy, args.external) {
+        (Some(policy), _) => {
+            let name = policy
+                .file_stem()
+                .map_or_else(|| "policy".to_owned(), |s| s.to_string_lossy().into_owned());
+            let mut options = postwarden_conformance::RunOptions::new(
+                &name,
+                policy.clone(),
+                &settings,
+                expectations,
+            );
+            options.only = only;
+            options.timeout = Duration::from_millis(args.timeout_ms);
+            postwarden_conformance::run(&options).await?
+        }
+        (None, Some(relay)) => {
+            let fleet = Fleet::start(FleetOptions {
+                port: args.port,
+                dns_port: args.dns_port,
+                ca_dir: Some(args.dir.clone()),
+                scenarios: only,
+                ..FleetOptions::default()
+            })
+            .await
+            .context("starting the fleet")?;
+            eprintln!(
+                "fleet: dns {} port {} ca {}; waiting for the relay at {relay}",
+                fleet.dns_addr(),
+                fleet.port(),
+                fleet.ca_file().map_or_else(String::new, |p| p.display().to_string())
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while tokio::net::TcpStream::connect(relay).await.is_err() {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the relay at {relay} never answered"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let window = Duration::from_secs(args.window_secs);
+            let name = relay.to_string();
+            let report = postwarden_conformance::external::run_external(
+                &fleet,
+                relay,
+                &expectations,
+                window,
+                &name,
+            )
+            .await?;
+            fleet.shutdown().await;
+            report
+        }
+        (None, None) => anyhow::bail!("--policy or --external is required"),
+    };
     print!("{}", postwarden_conformance::report::table(&report));
     if let Some(path) = &args.junit {
         std::fs::write(path, postwarden_conformance::report::junit(std::slice::from_ref(&report)))

@@ -1,0 +1,208 @@
+//! Black-box mode: judge any relay (ours over SMTP, Postfix, anything) from the outside.
+//!
+//! The runner submits one message per scenario recipient to the relay over SMTP and watches the
+//! fleet: a message accepted inside TLS is TLS; accepted in plaintext it is PLAIN, or PLAIN*
+//! when an earlier connection to that MX tried STARTTLS; a DSN arriving back at the sender's
+//! mailbox (hosted by the fleet's healthy `cap-01.sim.test`) is BOUNCE; nothing within the
+//! window is DEFER. Codes are not observable from outside, so any deferral or bounce matches.
+//! Each recipient gets its own message and its own sender address, so a DSN names exactly one.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use postwarden_sim::transcript::{Event, Transcript};
+use postwarden_sim::{Fleet, Outcome, Scenario};
+
+use crate::expect::{Expect, Expectations, Expected, Observed};
+use crate::{Report, ScenarioResult};
+
+/// The domain whose mailbox receives DSNs (a healthy scenario accepting everything).
+const SINK: &str = "cap-01.sim.test";
+
+/// Runs the fleet's scenarios through the relay at `relay`, waiting up to `window` for outcomes.
+pub async fn run_external(
+    fleet: &Fleet,
+    relay: SocketAddr,
+    expectations: &Expectations,
+    window: Duration,
+    name: &str,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let scenarios: Vec<Scenario> = fleet.scenarios().to_vec();
+    anyhow::ensure!(
+        fleet.route(SINK).is_some(),
+        "black-box mode needs CAP-01 ({SINK}) to receive DSNs"
+    );
+    let mut submitted = Vec::new();
+    for scenario in &scenarios {
+        let expected = expectations.expected(scenario);
+        let locals: Vec<&str> = match &expected {
+            Expected::Catalogue(Outcome::Split(parts)) => parts.iter().map(|(l, _)| *l).collect(),
+            _ => vec!["user"],
+        };
+        for local in locals {
+            let rcpt = format!("{local}@{}", scenario.domain());
+            let sender = format!("conformance+{}.{local}@{SINK}", scenario.label);
+            let submit = {
+                let (rcpt, sender, id) = (rcpt.clone(), sender.clone(), scenario.id);
+                tokio::task::spawn_blocking(move || submit(relay, &sender, &rcpt, id)).await?
+            };
+            submit.map_err(|e| anyhow::anyhow!("submitting {rcpt} to {relay}: {e}"))?;
+            submitted.push((scenario.clone(), expected.clone(), rcpt, sender));
+        }
+    }
+
+    // Watch until every recipient has an outcome or the window closes.
+    let deadline = Instant::now() + window;
+    loop {
+        let settled =
+            submitted.iter().all(|(s, _, rcpt, sender)| observe(fleet, s, rcpt, sender).is_some());
+        if settled || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    for (scenario, expected, rcpt, sender) in &submitted {
+        let observed =
+            observe(fleet, scenario, rcpt, sender).unwrap_or(Observed::Defer(String::new()));
+        let local = rcpt.split('@').next().unwrap_or_default().to_owned();
+        let mut problems = Vec::new();
+        let want = match expected {
+            Expected::Catalogue(Outcome::Split(parts)) => {
+                parts.iter().find(|(l, _)| *l == local).map(|(_, o)| Expected::Catalogue(*o))
+            }
+            other => Some(other.clone()),
+        };
+        if let Some(want) = &want
+            && !accepts_blackbox(want, &observed)
+        {
+            problems.push(format!("{local}: expected {want}, got {observed}"));
+        }
+        let transcript = fleet.transcript(&scenario.domain());
+        let forced = expectations.default.is_forced()
+            && !matches!(want, Some(Expected::File(Expect::Plain | Expect::PlainReconnect)));
+        for violation in postwarden_sim::check(scenario.id, &transcript, forced) {
+            problems.push(format!("invariant {violation}"));
+        }
+        match results.iter_mut().find(|r| r.id == scenario.id) {
+            Some(result) => {
+                result.observed.push((local, observed));
+                result.problems.extend(problems);
+            }
+            None => results.push(ScenarioResult {
+                id: scenario.id.to_owned(),
+                domain: scenario.domain(),
+                description: scenario.description.to_owned(),
+                expected: expected.to_string(),
+                observed: vec![(local, observed)],
+                decision: "external".to_owned(),
+                tls_log: String::new(),
+                problems,
+                elapsed: started.elapsed(),
+            }),
+        }
+    }
+    for result in &mut results {
+        result.problems.dedup();
+    }
+    Ok(Report { name: name.to_owned(), results, elapsed: started.elapsed() })
+}
+
+/// Codes cannot be seen from outside: any deferral matches a deferral, any bounce a bounce.
+fn accepts_blackbox(expected: &Expected, observed: &Observed) -> bool {
+    let outcome_matches = |o: &Outcome| match (o, observed) {
+        (Outcome::Defer { .. }, Observed::Defer(_)) => true,
+        (o, observed) => crate::expect::outcome_accepts(o, observed),
+    };
+    match expected {
+        Expected::Catalogue(Outcome::AnyOf(options)) => options.iter().any(outcome_matches),
+        Expected::Catalogue(outcome) => outcome_matches(outcome),
+        Expected::File(Expect::Defer(_)) => matches!(observed, Observed::Defer(_)),
+        Expected::File(expect) => crate::expect::expect_accepts(expect, observed),
+    }
+}
+
+/// What the fleet saw for one recipient, if anything yet.
+fn observe(fleet: &Fleet, scenario: &Scenario, rcpt: &str, sender: &str) -> Option<Observed> {
+    let transcript = fleet.transcript(&scenario.domain());
+    if let Some(observed) = accepted(&transcript, rcpt) {
+        return Some(observed);
+    }
+    let sink = fleet.transcript(SINK);
+    let bounced = sink.connections.iter().flat_map(|c| &c.events).any(|e| {
+        matches!(e, Event::MessageAccepted { mail_from, rcpts, .. }
+            if mail_from.is_empty() && rcpts.iter().any(|r| r.eq_ignore_ascii_case(sender)))
+    });
+    bounced.then(|| Observed::Bounce(String::new()))
+}
+
+fn accepted(transcript: &Transcript, rcpt: &str) -> Option<Observed> {
+    let mut tried_starttls = std::collections::HashSet::new();
+    for connection in &transcript.connections {
+        let starttls = connection.events.iter().any(|e| {
+            matches!(e, Event::Received { line, tls: false } if line.trim().eq_ignore_ascii_case("STARTTLS"))
+        });
+        for event in &connection.events {
+            if let Event::MessageAccepted { rcpts, tls, .. } = event
+                && rcpts.iter().any(|r| r.eq_ignore_ascii_case(rcpt))
+            {
+                let mx = connection.mx.clone();
+                return Some(if *tls {
+                    Observed::Tls(mx)
+                } else if !starttls && tried_starttls.contains(&connection.mx) {
+                    Observed::PlainReconnect(mx)
+                } else {
+                    Observed::Plain(mx)
+                });
+            }
+        }
+        if starttls {
+            tried_starttls.insert(connection.mx.clone());
+        }
+    }
+    None
+}
+
+/// A minimal SMTP submission (blocking; the runner's own code, not the relay's client).
+fn submit(relay: SocketAddr, sender: &str, rcpt: &str, id: &str) -> std::io::Result<()> {
+    let stream = TcpStream::connect(relay)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut expect = |code: char| -> std::io::Result<()> {
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "relay closed"));
+            }
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return match line.starts_with(code) {
+                    true => Ok(()),
+                    false => {
+                        Err(std::io::Error::other(format!("relay answered {}", line.trim_end())))
+                    }
+                };
+            }
+        }
+    };
+    expect('2')?;
+    for (command, code) in [
+        ("EHLO conformance.postwarden.test".to_owned(), '2'),
+        (format!("MAIL FROM:<{sender}>"), '2'),
+        (format!("RCPT TO:<{rcpt}>"), '2'),
+        ("DATA".to_owned(), '3'),
+    ] {
+        writer.write_all(format!("{command}\r\n").as_bytes())?;
+        expect(code)?;
+    }
+    let body = format!(
+        "From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: conformance {id}\r\n\r\nscenario {id}\r\n.\r\n"
+    );
+    writer.write_all(body.as_bytes())?;
+    expect('2')?;
+    writer.write_all(b"QUIT\r\n")?;
+    Ok(())
+}
