@@ -47,7 +47,13 @@ enum Top {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    postwarden::cli::init_logging(cli.verbose);
+    match &cli.command {
+        Top::Run { config, .. } => match Config::load(config) {
+            Ok(c) => postwarden::cli::init_service_logging(&c.logging),
+            Err(_) => postwarden::cli::init_logging(cli.verbose),
+        },
+        _ => postwarden::cli::init_logging(cli.verbose),
+    }
     let result = match cli.command {
         Top::Relay(command) => {
             postwarden::cli::run(postwarden::cli::Cli { verbose: cli.verbose, command })
@@ -78,7 +84,7 @@ async fn run(path: PathBuf, grace: Duration) -> anyhow::Result<ExitCode> {
             format!("{}: inbound.listen: cannot bind {}", path.display(), config.inbound.listen)
         })?;
     let relay = postwarden::service::Relay::start(&config, listener).await?;
-    eprintln!("postwarden: listening on {}", relay.smtp_addr);
+    tracing::info!(smtp = %relay.smtp_addr, admin = ?relay.admin_addr, "postwarden running");
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     loop {

@@ -18,7 +18,7 @@ fn free_port() -> u16 {
 
 /// A config with no policies (the opportunistic default), every domain of the test routed to a
 /// closed port so deliveries defer, and retries an hour apart.
-fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
+fn write_config(dir: &Path, port: u16, admin: u16) -> std::path::PathBuf {
     let text = format!(
         r#"
 [policy_engine]
@@ -37,6 +37,12 @@ min_backoff = 3600
 
 [inbound]
 listen = "127.0.0.1:{port}"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[logging]
+format = "json"
 "#
     );
     let path = dir.join("relay.toml");
@@ -122,7 +128,8 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = write_config(dir.path(), port);
+    let admin_port = free_port();
+    let config = write_config(dir.path(), port, admin_port);
     let mut relay = start(&config);
     wait_listening(addr);
 
@@ -181,6 +188,19 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
         assert!(Instant::now() < deadline, "{waiting} messages never attempted after the restart");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The admin listener reports the queue and the deferrals.
+    let metrics = http_get(admin_port, "/metrics");
+    assert!(metrics.contains("postwarden_recipients_deferred_total"), "{metrics}");
+    let queued: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("postwarden_queue_messages "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(queued >= acked.len(), "{metrics}");
+    let queue = http_get(admin_port, &format!("/queue/{}", acked[0]));
+    assert!(queue.contains(&acked[0]) && queue.contains("\"state\":\"pending\""), "{queue}");
+
     let _ = Command::new("kill").arg("-TERM").arg(relay.id().to_string()).status();
     let status = relay.wait().unwrap();
     assert!(status.success(), "SIGTERM must stop the relay cleanly: {status:?}");
@@ -204,4 +224,14 @@ fn the_demo_runs_and_every_outcome_matches_the_catalogue() {
     let (matched, total) = summary.split_once(" of ").unwrap();
     let total = total.split_whitespace().next().unwrap();
     assert_eq!(matched, total, "{summary}");
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
 }

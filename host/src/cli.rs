@@ -148,6 +148,17 @@ pub enum StateCommand {
     },
 }
 
+/// Installs the log subscriber for `postwarden run`, as `[logging]` says (`RUST_LOG` wins).
+pub fn init_service_logging(logging: &crate::config::LoggingConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&logging.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match logging.format {
+        crate::config::LogFormat::Json => builder.json().try_init(),
+        crate::config::LogFormat::Text => builder.try_init(),
+    };
+}
+
 /// Installs the log subscriber (stderr, `RUST_LOG` overrides the verbosity).
 pub fn init_logging(verbose: u8) {
     let default = match verbose {

@@ -32,6 +32,58 @@ pub struct Config {
     /// The SMTP listener that applications and other MTAs submit to.
     #[serde(default)]
     pub inbound: InboundConfig,
+    /// The admin listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Logging.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+/// `[admin]`: `/metrics` (Prometheus) and queue status as JSON.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where to listen; keep it on loopback (default: no admin listener).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `[logging]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `text` or `json` (default `text`). Every delivery attempt logs its `tls=level:result`.
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `postwarden=debug` (default `info`; `RUST_LOG`
+    /// overrides it).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { format: default_log_format(), level: default_log_level() }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Deserialize, Eq, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
 }
 
 /// `[inbound]`.

@@ -2,6 +2,7 @@
 //! policy components.
 //!
 //! # Layout
+//! - [`admin`]: the loopback admin listener (`/metrics`, queue status as JSON).
 //! - [`config`]: the TOML configuration.
 //! - [`delivery`]: outbound delivery (routing, STARTTLS, policy-driven outcomes).
 //! - [`policy`]: the policy engine (contract, wasmtime, chain, fail-closed rules).
@@ -10,6 +11,7 @@
 //! - [`smtp`]: the SMTP client's wire format, sans-IO.
 //! - [`cli`]: the `postwarden` command's subcommands.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod delivery;

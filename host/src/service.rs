@@ -29,6 +29,8 @@ pub struct Relay {
     pub chains: Arc<ChainHandle>,
     /// The address the SMTP listener is bound to.
     pub smtp_addr: std::net::SocketAddr,
+    /// The admin listener's address, if configured.
+    pub admin_addr: Option<std::net::SocketAddr>,
     engine: PolicyEngine,
     stop: watch::Sender<bool>,
     inbound: JoinHandle<()>,
@@ -82,9 +84,20 @@ impl Relay {
             spool,
             stopped.clone(),
         ));
+        let admin_addr = match config.admin.listen {
+            Some(addr) => {
+                let admin = TcpListener::bind(addr).await?;
+                let bound = admin.local_addr()?;
+                let state =
+                    crate::admin::AdminState { queue: queue.clone(), chains: chains.clone() };
+                tokio::spawn(crate::admin::serve(admin, state, stopped.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
         let scheduler = tokio::spawn(queue.clone().run(deliverer, chains.clone(), stopped));
         tracing::info!(%smtp_addr, policies = chains.current().policies().len(), "relay started");
-        Ok(Relay { queue, chains, smtp_addr, engine, stop, inbound, scheduler })
+        Ok(Relay { queue, chains, smtp_addr, admin_addr, engine, stop, inbound, scheduler })
     }
 
     /// Loads the policies of `config` and puts them in force; on any error the running chain

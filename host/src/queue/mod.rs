@@ -70,6 +70,25 @@ pub struct Queue {
     options: QueueOptions,
     wake: Notify,
     recent: std::sync::Mutex<std::collections::VecDeque<Attempted>>,
+    /// Counters for `/metrics`.
+    pub counters: Counters,
+}
+
+/// Queue counters, exported as Prometheus metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages accepted (fsync'd).
+    pub accepted: std::sync::atomic::AtomicU64,
+    /// Recipients delivered over verified TLS.
+    pub delivered_tls_verified: std::sync::atomic::AtomicU64,
+    /// Recipients delivered over unverified TLS.
+    pub delivered_tls_unverified: std::sync::atomic::AtomicU64,
+    /// Recipients delivered in plaintext.
+    pub delivered_plaintext: std::sync::atomic::AtomicU64,
+    /// Recipient attempts deferred.
+    pub deferred: std::sync::atomic::AtomicU64,
+    /// Recipients bounced.
+    pub bounced: std::sync::atomic::AtomicU64,
 }
 
 /// The outcome of one recipient's delivery attempt, kept in memory for status reports (the
@@ -94,7 +113,13 @@ const RECENT: usize = 10_000;
 impl Queue {
     /// A queue over `store`.
     pub fn new(store: Arc<dyn QueueStore>, options: QueueOptions) -> Arc<Self> {
-        Arc::new(Queue { store, options, wake: Notify::new(), recent: Default::default() })
+        Arc::new(Queue {
+            store,
+            options,
+            wake: Notify::new(),
+            recent: Default::default(),
+            counters: Counters::default(),
+        })
     }
 
     /// The store.
@@ -132,6 +157,7 @@ impl Queue {
             warned: false,
         };
         self.store.insert(&envelope, &message.body)?;
+        self.counters.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.wake.notify_one();
         Ok(id)
     }
@@ -256,6 +282,18 @@ impl Queue {
                     continue;
                 };
                 entry.tls_log = outcome.tls_log.clone();
+                let counter = match &r.status {
+                    Status::Delivered { tls: Some(t), .. } if t.verified => {
+                        &self.counters.delivered_tls_verified
+                    }
+                    Status::Delivered { tls: Some(_), .. } => {
+                        &self.counters.delivered_tls_unverified
+                    }
+                    Status::Delivered { tls: None, .. } => &self.counters.delivered_plaintext,
+                    Status::Deferred { .. } => &self.counters.deferred,
+                    Status::Bounced { .. } => &self.counters.bounced,
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match r.status {
                     Status::Delivered { mx, reply, .. } => {
                         entry.state = RecipientState::Delivered;
