@@ -38,6 +38,16 @@ enum Top {
         #[arg(long, default_value_t = 30)]
         grace: u64,
     },
+    /// Check a destination before forcing TLS for it: STARTTLS, TLS version and cipher,
+    /// certificate names, verification for the MX name and the domain, the chain's decision,
+    /// and a verdict. Exit status 0 when forced TLS (verify) would succeed.
+    Probe {
+        /// The configuration file (DNS, routes, trust, policies).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The recipient domain.
+        domain: String,
+    },
     /// The demo: the simulator's fleet, a relay with the bundled policies, one message per
     /// scenario over SMTP, and the outcome table.
     Demo(demo::DemoArgs),
@@ -62,6 +72,9 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(run(config, Duration::from_secs(grace))))
         }
         Top::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
+        Top::Probe { config, domain } => {
+            runtime().and_then(|rt| rt.block_on(probe(config, domain)))
+        }
     };
     match result {
         Ok(code) => code,
@@ -74,6 +87,16 @@ fn main() -> ExitCode {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+}
+
+async fn probe(path: PathBuf, domain: String) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&path)?;
+    let engine = postwarden::policy::engine_from_config(&config)?;
+    let chain =
+        postwarden::policy::load_chain(&engine, &config, postwarden::policy::StateMode::Snapshot)?;
+    let (report, ok) = postwarden::probe::probe(&config, &chain, &domain).await?;
+    print!("{report}");
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn run(path: PathBuf, grace: Duration) -> anyhow::Result<ExitCode> {

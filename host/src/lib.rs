@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML configuration.
 //! - [`delivery`]: outbound delivery (routing, STARTTLS, policy-driven outcomes).
 //! - [`policy`]: the policy engine (contract, wasmtime, chain, fail-closed rules).
+//! - [`probe`]: `postwarden probe DOMAIN`, the pre-flight check before forcing TLS.
 //! - [`queue`]: the durable queue, retries and DSNs.
 //! - [`service`]: the relay as a service: inbound → queue → delivery, reload, shutdown.
 //! - [`smtp`]: the SMTP client's wire format, sans-IO.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod delivery;
 pub mod inbound;
 pub mod policy;
+pub mod probe;
 pub mod queue;
 pub mod service;
 pub mod smtp;

@@ -163,6 +163,12 @@ pub struct TlsInfo {
     pub cipher: String,
     /// Whether the certificate verified against the roots and the names of the requirement.
     pub verified: bool,
+    /// Why it did not verify, when it did not (the failure class it maps to).
+    pub verify_failure: Option<Failure>,
+    /// The DNS names in the server's certificate.
+    pub names: Vec<String>,
+    /// How many certificates the server sent.
+    pub chain_len: usize,
 }
 
 /// Proof that plaintext delivery is allowed: only a requirement of `none` or `may`, for a
@@ -268,8 +274,19 @@ impl Client<TcpStream> {
         };
         let cipher =
             conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
-        let verified =
-            matches!(verdict.lock().ok().and_then(|v| v.clone()), Some(CertVerdict::Verified));
+        let recorded = verdict.lock().ok().and_then(|v| v.clone());
+        let verified = matches!(recorded, Some(CertVerdict::Verified));
+        let verify_failure = match recorded {
+            Some(CertVerdict::NotVerified(failure)) => Some(failure),
+            _ => None,
+        };
+        let certs = conn.peer_certificates().unwrap_or_default();
+        let names = certs
+            .first()
+            .and_then(|leaf| webpki::EndEntityCert::try_from(leaf).ok())
+            .map(|leaf| leaf.valid_dns_names().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let chain_len = certs.len();
         let mut client = Client {
             stream: tls,
             replies: ReplyBuffer::new(),
@@ -278,7 +295,10 @@ impl Client<TcpStream> {
             capabilities: Capabilities::default(),
         };
         match client.ehlo(helo_name).await {
-            Ok(()) => StartTls::Upgraded(Box::new(client), TlsInfo { version, cipher, verified }),
+            Ok(()) => StartTls::Upgraded(
+                Box::new(client),
+                TlsInfo { version, cipher, verified, verify_failure, names, chain_len },
+            ),
             Err(e) => StartTls::Failed(e.as_tls_failure()),
         }
     }
