@@ -1,0 +1,111 @@
+//! The relay service in process: SMTP in, queue, policy-driven delivery out, DSNs back.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use postwarden::delivery::client::{Client, Envelope, PlaintextPermit, RcptResult, Timeouts};
+use postwarden::policy::{Requirement, TlsLevel};
+use postwarden::queue::store::QueueStore;
+use postwarden::service::Relay;
+use postwarden_tests::{chains, sim};
+
+async fn submit(relay: &Relay, from: &str, to: &str) {
+    let (mut client, _) =
+        Client::connect(relay.smtp_addr, Timeouts::all(Duration::from_secs(5))).await.unwrap();
+    client.ehlo("app.client.example").await.unwrap();
+    let body = format!("From: <{from}>\r\nTo: <{to}>\r\nSubject: invoice\r\n\r\nsecret\r\n");
+    let rcpts = [to.to_owned()];
+    let envelope = Envelope {
+        mail_from: from,
+        rcpts: &rcpts,
+        size: body.len() as u64,
+        eight_bit: false,
+        requiretls: false,
+    };
+    let permit = PlaintextPermit::new(&Requirement::new(TlsLevel::May), false).unwrap();
+    let results = client.transaction_plaintext(&permit, &envelope, body.as_bytes()).await.unwrap();
+    assert!(matches!(results[0], RcptResult::Delivered(_)), "{results:?}");
+    client.quit().await;
+}
+
+/// Forced TLS to a domain without STARTTLS: the message is never sent in plaintext; once its
+/// lifetime is over it bounces with an RFC 3464 report naming the TLS reason; the report
+/// itself (null sender) is never bounced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_tls_failure_expires_into_a_dsn_that_never_bounces() {
+    let (fleet, _) = sim::fleet(&["CAP-02"]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, fleet.ca_pem()).unwrap();
+    let toml = format!(
+        "[[policy]]\nname = \"forced\"\npath = \"{{wasm:forced-tls}}\"\n[policy.settings.domains]\n\".sim.test\" = \"encrypt\"\n\
+         [delivery]\nhelo_name = \"relay.postwarden.test\"\nport = {port}\ndns_servers = [\"{dns}\"]\n\
+         [delivery.routes]\n\"client.example\" = \"[127.0.0.1]:1\"\n\
+         [delivery.timeouts]\nconnect = 2\ngreeting = 2\ncommand = 2\ntls_handshake = 2\n\
+         [tls]\nwebpki_roots = false\nca_files = [\"{ca}\"]\n\
+         [queue]\ndir = \"spool\"\nmin_backoff = 1\nmax_lifetime = 1\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\n",
+        port = fleet.port(),
+        dns = fleet.dns_addr(),
+        ca = ca.display()
+    );
+    let config = chains::config_in(&toml, dir.path()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = Relay::start(&config, listener).await.unwrap();
+    submit(&relay, "sender@client.example", "user@cap-02.sim.test").await;
+
+    // The DSN appears in the queue (its recipient's domain is unreachable, so it stays a while).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut dsn_seen = None;
+    while Instant::now() < deadline && dsn_seen.is_none() {
+        for envelope in relay.queue.store().list().unwrap() {
+            if envelope.mail_from.is_empty() {
+                dsn_seen =
+                    Some((envelope.clone(), relay.queue.store().body(&envelope.id).unwrap()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let attempts = relay.queue.recent();
+    let (dsn, body) =
+        dsn_seen.unwrap_or_else(|| panic!("no DSN was queued; attempts: {attempts:?}"));
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(dsn.rcpts[0].address, "sender@client.example");
+    assert!(body.contains("Content-Type: multipart/report; report-type=delivery-status"), "{body}");
+    assert!(
+        body.contains(
+            "Final-Recipient: rfc822; user@cap-02.sim.test\r\nAction: failed\r\nStatus: 4.7.4"
+        ),
+        "{body}"
+    );
+    assert!(body.contains("TLS is required, but was not offered by mx1.cap-02.sim.test"), "{body}");
+    assert!(body.contains("Subject: invoice") && !body.contains("secret"), "headers only: {body}");
+
+    // Nothing crossed in plaintext to the forced destination.
+    let mail_in_plaintext = fleet
+        .transcript("cap-02.sim.test")
+        .connections
+        .iter()
+        .flat_map(|c| &c.events)
+        .any(|e| matches!(e, postwarden_sim::transcript::Event::Received { line, tls: false } if line.to_ascii_uppercase().starts_with("MAIL")));
+    assert!(!mail_in_plaintext);
+
+    // The DSN expires too (lifetime 1 s, unreachable sender) and is dropped, not bounced.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !relay.queue.store().list().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "queue never drained: {:?}",
+            relay.queue.store().list().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counters = &relay.queue.counters;
+    assert_eq!(
+        counters.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "the message and one DSN, no DSN of the DSN"
+    );
+    relay.shutdown(Duration::from_secs(5)).await;
+}
