@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use postwarden::delivery::client::{Client, Envelope, PlaintextPermit, RcptResult, Timeouts};
 use postwarden::policy::{Requirement, TlsLevel};
-use postwarden::queue::store::QueueStore;
 use postwarden::service::Relay;
 use postwarden_tests::{chains, sim};
 
