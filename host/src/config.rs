@@ -115,6 +115,10 @@ pub struct InboundConfig {
     /// PEM private key for STARTTLS.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Development mode: offer STARTTLS with a self-signed certificate generated at start for
+    /// the relay's name (ignored when `tls_cert` is set). Never for production.
+    #[serde(default)]
+    pub tls_self_signed: bool,
     /// A credentials file for AUTH over TLS: one `user:sha256:<salt-hex>:<hash-hex>` per line.
     #[serde(default)]
     pub credentials_file: Option<PathBuf>,
@@ -131,6 +135,7 @@ impl Default for InboundConfig {
             idle_timeout: default_idle(),
             tls_cert: None,
             tls_key: None,
+            tls_self_signed: false,
             credentials_file: None,
         }
     }
@@ -140,7 +145,23 @@ impl InboundConfig {
     /// The server's options, reading the certificate and the credentials file.
     pub fn options(&self, hostname: &str) -> Result<crate::inbound::InboundOptions, String> {
         use rustls_pki_types::pem::PemObject;
+        let provider = || std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let tls = match (&self.tls_cert, &self.tls_key) {
+            (None, None) if self.tls_self_signed => {
+                let certified = rcgen::generate_simple_self_signed(vec![hostname.to_owned()])
+                    .map_err(|e| format!("inbound.tls_self_signed: {e}"))?;
+                let key = rustls_pki_types::PrivateKeyDer::Pkcs8(
+                    certified.signing_key.serialize_der().into(),
+                );
+                let config = rustls::ServerConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .and_then(|b| {
+                        b.with_no_client_auth()
+                            .with_single_cert(vec![certified.cert.der().clone()], key)
+                    })
+                    .map_err(|e| format!("inbound.tls_self_signed: {e}"))?;
+                Some(std::sync::Arc::new(config))
+            }
             (None, None) => None,
             (Some(cert), Some(key)) => {
                 let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
@@ -240,6 +261,9 @@ pub struct QueueConfig {
     /// Messages delivered at once (default 20).
     #[serde(default = "default_queue_concurrency")]
     pub concurrency: usize,
+    /// Deliveries to one destination domain at once (default 20).
+    #[serde(default = "default_queue_concurrency")]
+    pub per_destination: usize,
 }
 
 impl Default for QueueConfig {
@@ -251,6 +275,7 @@ impl Default for QueueConfig {
             max_lifetime: default_lifetime(),
             delay_warning: None,
             concurrency: default_queue_concurrency(),
+            per_destination: default_queue_concurrency(),
         }
     }
 }
@@ -264,6 +289,7 @@ impl QueueConfig {
             max_lifetime: Duration::from_secs(self.max_lifetime),
             delay_warning: self.delay_warning.map(Duration::from_secs),
             concurrency: self.concurrency.max(1),
+            per_destination: self.per_destination.max(1),
             hostname: hostname.to_owned(),
         }
     }
@@ -742,6 +768,21 @@ mod tests {
             assert!(err.starts_with("/etc/postwarden/relay.toml: "), "{err}");
             assert!(err.contains(expected), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn dev_mode_generates_a_self_signed_inbound_certificate() {
+        let config =
+            Config::parse("[inbound]\ntls_self_signed = true\n", Path::new("relay.toml")).unwrap();
+        assert!(config.inbound.options("relay.example").unwrap().tls.is_some());
+        let config = Config::parse("", Path::new("relay.toml")).unwrap();
+        assert!(config.inbound.options("relay.example").unwrap().tls.is_none());
+        let err = Config::parse("[inbound]\ntls_cert = \"c.pem\"\n", Path::new("relay.toml"))
+            .unwrap()
+            .inbound
+            .options("x")
+            .unwrap_err();
+        assert!(err.contains("tls_cert and inbound.tls_key go together"), "{err}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct QueueOptions {
     pub delay_warning: Option<Duration>,
     /// Messages delivered at the same time.
     pub concurrency: usize,
+    /// Deliveries to one destination domain at the same time (Postfix's
+    /// `default_destination_concurrency_limit`, 20).
+    pub per_destination: usize,
     /// The name in DSNs' `Reporting-MTA`.
     pub hostname: String,
 }
@@ -44,6 +47,7 @@ impl Default for QueueOptions {
             max_lifetime: Duration::from_secs(5 * 86_400),
             delay_warning: None,
             concurrency: 20,
+            per_destination: 20,
             hostname: "localhost".to_owned(),
         }
     }
@@ -72,6 +76,7 @@ pub struct Queue {
     recent: std::sync::Mutex<std::collections::VecDeque<Attempted>>,
     /// Counters for `/metrics`.
     pub counters: Counters,
+    destinations: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
 }
 
 /// Queue counters, exported as Prometheus metrics.
@@ -119,6 +124,7 @@ impl Queue {
             wake: Notify::new(),
             recent: Default::default(),
             counters: Counters::default(),
+            destinations: Default::default(),
         })
     }
 
@@ -264,6 +270,8 @@ impl Queue {
         };
         let mut results = Vec::new();
         for (domain, rcpts) in &by_domain {
+            let slot = self.destination(domain);
+            let Ok(_permit) = slot.acquire().await else { continue };
             let outcome = deliverer.deliver(&chain, &message, domain, rcpts).await;
             tracing::info!(id = %envelope.id, domain, tls = %outcome.tls_log, "delivery attempt");
             results.push(outcome);
@@ -358,6 +366,14 @@ impl Queue {
         if let Err(e) = result {
             tracing::error!(id = %envelope.id, "cannot update the queue: {e}");
         }
+    }
+
+    /// The concurrency limiter of one destination domain.
+    fn destination(&self, domain: &str) -> Arc<Semaphore> {
+        lock(&self.destinations)
+            .entry(domain.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.options.per_destination.max(1))))
+            .clone()
     }
 
     fn remember(&self, attempted: Attempted) {
