@@ -108,3 +108,46 @@ async fn forced_tls_failure_expires_into_a_dsn_that_never_bounces() {
     );
     relay.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A forced-TLS failure does not sit silently in the queue: after `delay_warning` the sender
+/// gets a "delayed" report, once, while the message keeps being retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_warning_tells_the_sender_once() {
+    let (fleet, _) = sim::fleet(&["CAP-02"]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[[policy]]\nname = \"forced\"\npath = \"{{wasm:forced-tls}}\"\n[policy.settings.domains]\n\".sim.test\" = \"encrypt\"\n\
+         [delivery]\nport = {port}\ndns_servers = [\"{dns}\"]\n\
+         [delivery.routes]\n\"client.example\" = \"[127.0.0.1]:1\"\n\
+         [delivery.timeouts]\nconnect = 2\ngreeting = 2\ncommand = 2\ntls_handshake = 2\n\
+         [tls]\nwebpki_roots = false\n\
+         [queue]\ndir = \"spool\"\nmin_backoff = 1\ndelay_warning = 0\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\n",
+        port = fleet.port(),
+        dns = fleet.dns_addr(),
+    );
+    let config = chains::config_in(&toml, dir.path()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = Relay::start(&config, listener).await.unwrap();
+    submit(&relay, "sender@client.example", "user@cap-02.sim.test").await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (original, warning) = loop {
+        let list = relay.queue.store().list().unwrap();
+        let original = list.iter().find(|e| !e.mail_from.is_empty() && e.attempts >= 2).cloned();
+        let warning = list.iter().find(|e| e.mail_from.is_empty()).cloned();
+        if let (Some(o), Some(w)) = (original, warning) {
+            break (o, w);
+        }
+        assert!(Instant::now() < deadline, "no delay warning: {list:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(original.warned && !original.is_done(), "the message stays queued: {original:?}");
+    let body = String::from_utf8(relay.queue.store().body(&warning.id).unwrap()).unwrap();
+    assert!(body.contains("Subject: Delayed Mail (still being retried)"), "{body}");
+    assert!(body.contains("Action: delayed\r\nStatus: 4.7.4"), "{body}");
+    let warnings =
+        relay.queue.store().list().unwrap().iter().filter(|e| e.mail_from.is_empty()).count();
+    assert_eq!(warnings, 1, "warned once, not at every retry");
+    relay.shutdown(Duration::from_secs(5)).await;
+}

@@ -61,10 +61,19 @@ impl TlsContext {
         domain: &str,
         mx_host: &str,
     ) -> Result<(Arc<ClientConfig>, VerdictSlot), String> {
-        let webpki =
-            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+        // With no trust anchors at all, rustls refuses to build a chain verifier; that must not
+        // break `may` and `encrypt`, which never needed one: every chain is then "untrusted".
+        let webpki = match self.roots.is_empty() {
+            true => None,
+            false => Some(
+                WebPkiServerVerifier::builder_with_provider(
+                    self.roots.clone(),
+                    self.provider.clone(),
+                )
                 .build()
-                .map_err(|e| format!("trust roots: {e}"))?;
+                .map_err(|e| format!("trust roots: {e}"))?,
+            ),
+        };
         let names = match requirement.level {
             TlsLevel::Verify | TlsLevel::Secure if !requirement.match_names.is_empty() => {
                 requirement.match_names.clone()
@@ -75,6 +84,7 @@ impl TlsContext {
         let verdict = Arc::new(Mutex::new(None));
         let verifier = Arc::new(PolicyVerifier {
             webpki,
+            provider: self.provider.clone(),
             names,
             enforce: requirement.level.is_verified(),
             verdict: verdict.clone(),
@@ -109,7 +119,8 @@ pub enum CertVerdict {
 /// Checks the chain and names as the requirement demands; records the verdict either way.
 #[derive(Debug)]
 struct PolicyVerifier {
-    webpki: Arc<WebPkiServerVerifier>,
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
     /// Acceptable names: exact, or `.suffix` for any name below it.
     names: Vec<String>,
     /// Fail the handshake when the certificate does not verify (`verify`, `secure`).
@@ -124,6 +135,9 @@ impl PolicyVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
+        let Some(webpki) = &self.webpki else {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        };
         let mut candidates: Vec<String> = Vec::new();
         let mut suffixes: Vec<&str> = Vec::new();
         for name in &self.names {
@@ -150,8 +164,7 @@ impl PolicyVerifier {
         let mut first_error = None;
         for candidate in &candidates {
             let Ok(server_name) = ServerName::try_from(candidate.as_str()) else { continue };
-            match self.webpki.verify_server_cert(end_entity, intermediates, &server_name, &[], now)
-            {
+            match webpki.verify_server_cert(end_entity, intermediates, &server_name, &[], now) {
                 Ok(_) => return Ok(()),
                 // A chain or time problem is the same for every name: report it rather than a
                 // name mismatch from another candidate.
@@ -167,7 +180,7 @@ impl PolicyVerifier {
             let probe = ServerName::try_from("name-check.invalid").map_err(|_| {
                 rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
             })?;
-            self.webpki.verify_server_cert(end_entity, intermediates, &probe, &[], now)?;
+            webpki.verify_server_cert(end_entity, intermediates, &probe, &[], now)?;
         }
         Err(first_error
             .unwrap_or(rustls::Error::InvalidCertificate(CertificateError::NotValidForName)))
@@ -201,7 +214,12 @@ impl ServerCertVerifier for PolicyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -210,11 +228,16 @@ impl ServerCertVerifier for PolicyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
