@@ -189,6 +189,7 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The admin listener reports the queue and the deferrals.
+    wait_listening(format!("127.0.0.1:{admin_port}").parse().unwrap());
     let metrics = http_get(admin_port, "/metrics");
     assert!(metrics.contains("postwarden_recipients_deferred_total"), "{metrics}");
     let queued: usize = metrics
@@ -234,4 +235,54 @@ fn http_get(port: u16, path: &str) -> String {
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
+}
+
+/// SIGHUP reloads the policies; a configuration that fails to load keeps the running chain and
+/// the relay alive.
+#[test]
+fn sighup_reloads_policies_and_keeps_them_on_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let config_with = |name: &str, level: &str| {
+        format!(
+            "[policy_engine]\ncache_dir = \"cache\"\nstate_dir = \"state\"\n\
+             [[policy]]\nname = \"{name}\"\npath = \"{}\"\n[policy.settings.domains]\n\"example.com\" = \"{level}\"\n\
+             [queue]\ndir = \"spool\"\n[inbound]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+            postwarden_tests::wasm::policy("forced-tls").display()
+        )
+    };
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config_with("first", "verify")).unwrap();
+    let mut relay = start(&path);
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
+    wait_listening(format!("127.0.0.1:{admin}").parse().unwrap());
+    assert!(http_get(admin, "/metrics").contains("policy=\"first\""));
+
+    let hup = |pid: u32| Command::new("kill").arg("-HUP").arg(pid.to_string()).status().unwrap();
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if http_get(admin, "/metrics").contains(needle) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "metrics never showed {needle}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    std::fs::write(&path, config_with("second", "encrypt")).unwrap();
+    hup(relay.id());
+    wait_for("policy=\"second\"");
+
+    // `may` is not a forced level: forced-tls's configure refuses it, the reload is refused.
+    std::fs::write(&path, config_with("third", "may")).unwrap();
+    hup(relay.id());
+    std::thread::sleep(Duration::from_millis(500));
+    let metrics = http_get(admin, "/metrics");
+    assert!(
+        metrics.contains("policy=\"second\"") && !metrics.contains("policy=\"third\""),
+        "{metrics}"
+    );
+    assert!(relay.try_wait().unwrap().is_none(), "the relay must survive a bad reload");
+    let _ = Command::new("kill").arg("-TERM").arg(relay.id().to_string()).status();
+    assert!(relay.wait().unwrap().success());
 }
