@@ -230,8 +230,7 @@ impl LoadedPolicy {
         // panics on a thread that already drives one (the relay's). Calls into guests that
         // import WASI therefore run on a short-lived thread of their own when a runtime is
         // present; guests without WASI imports (the bundled Rust policies) never pay for it.
-        let in_runtime = tokio::runtime::Handle::try_current().is_ok();
-        let outcome = if self.needs_wasi && in_runtime {
+        let outcome = if self.needs_wasi && tokio::runtime::Handle::try_current().is_ok() {
             let exports = &self.exports;
             std::thread::scope(|scope| {
                 let worker = scope.spawn(move || {
