@@ -155,3 +155,55 @@ async fn a_faulty_policy_defers_before_any_connection() {
         "no connection may be made"
     );
 }
+
+/// I6: a connection is only used for a domain whose policy it satisfies. Two domains share one
+/// MX (no STARTTLS there): the opportunistic one is delivered in plaintext, the forced one must
+/// get a connection of its own that tries STARTTLS, and no MAIL, rather than riding along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_connection_is_never_shared_with_a_forced_domain() {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use postwarden::delivery::Deliverer;
+    use postwarden::delivery::client::Timeouts;
+    use postwarden::delivery::route::{HickoryResolver, Router};
+    use postwarden::delivery::tls::TlsContext;
+
+    let (fleet, _) = sim::fleet(&["CAP-02"]).await.unwrap();
+    let mx = fleet.route("cap-02.sim.test").unwrap().mx[0].addr();
+    let mut routes = HashMap::new();
+    routes.insert("forced.example".to_owned(), (mx.ip().to_string(), mx.port()));
+    let router = Router::new(
+        Box::new(HickoryResolver::new(&[fleet.dns_addr()]).unwrap()),
+        fleet.port(),
+        routes,
+        Some(1),
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(fleet.ca().root_der().clone()).unwrap();
+    let deliverer = Deliverer::new(
+        router,
+        TlsContext::new(roots),
+        Timeouts::all(Duration::from_secs(2)),
+        "relay.test",
+    );
+    let toml = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n[policy.settings.domains]\n\"forced.example\" = \"encrypt\"\n\
+                [[policy]]\nname = \"opportunistic\"\npath = \"{wasm:opportunistic}\"\n";
+    let (chain, _e, _d) = chains::load(toml).unwrap();
+
+    let plain = sim::send(&deliverer, &chain, "cap-02.sim.test", false, false).await;
+    assert!(matches!(status(&plain), Status::Delivered { tls: None, .. }), "{plain:?}");
+    let forced = sim::send(&deliverer, &chain, "forced.example", false, false).await;
+    assert!(
+        matches!(status(&forced), Status::Deferred { code, .. } if code == "4.7.4"),
+        "{forced:?}"
+    );
+
+    let transcript = fleet.transcript("cap-02.sim.test");
+    assert_eq!(transcript.connections.len(), 2, "one connection per decision");
+    let second = &transcript.connections[1].events;
+    let sent = |verb: &str| {
+        second.iter().any(|e| matches!(e, Event::Received { line, .. } if line.to_ascii_uppercase().starts_with(verb)))
+    };
+    assert!(sent("STARTTLS") && !sent("MAIL"), "{second:?}");
+}
