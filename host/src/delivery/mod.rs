@@ -197,9 +197,23 @@ impl Deliverer {
                         return outcome;
                     }
                 };
-                let result = self
-                    .attempt(chain, &plan, &ctx, &requirement, host, addr, message, rcpts)
-                    .await;
+                let attempt = Attempt {
+                    chain,
+                    plan: &plan,
+                    ctx: &ctx,
+                    requirement: &requirement,
+                    host,
+                    addr,
+                    message,
+                    envelope: Envelope {
+                        mail_from: message.mail_from,
+                        rcpts,
+                        size: message.body.len() as u64,
+                        eight_bit: message.body.iter().any(|b| *b >= 0x80),
+                        requiretls: message.requiretls,
+                    },
+                };
+                let result = self.attempt(&attempt).await;
                 match result {
                     HostResult::Done(results, via) => {
                         let _ = write!(
@@ -295,37 +309,15 @@ impl Deliverer {
     }
 
     /// One attempt at one address of one host.
-    #[allow(clippy::too_many_arguments)]
-    async fn attempt(
-        &self,
-        chain: &Chain,
-        plan: &Plan,
-        ctx: &Context,
-        requirement: &Requirement,
-        host: &MxHost,
-        addr: SocketAddr,
-        message: &Message<'_>,
-        rcpts: &[String],
-    ) -> HostResult {
-        let envelope = Envelope {
-            mail_from: message.mail_from,
-            rcpts,
-            size: message.body.len() as u64,
-            eight_bit: message.body.iter().any(|b| *b >= 0x80),
-            requiretls: message.requiretls,
-        };
+    async fn attempt(&self, a: &Attempt<'_>) -> HostResult {
+        let (requirement, host, addr) = (a.requirement, a.host, a.addr);
         let next = |code: &str, reason: String| HostResult::Next { code: code.to_owned(), reason };
         let mut client = match self.open(addr, &host.name).await {
             Ok(client) => client,
             Err(reason) => return next("4.4.1", reason),
         };
-        let permit = PlaintextPermit::new(requirement, message.requiretls);
         if requirement.level == crate::policy::TlsLevel::None {
-            let Some(permit) = permit else {
-                return HostResult::Final(forced_plaintext_refused(requirement));
-            };
-            return plaintext(client, &permit, &envelope, message.body, requirement, Fallback::No)
-                .await;
+            return a.plaintext(client, Fallback::No).await;
         }
         let offered = client.capabilities.starttls;
         let failure = if !offered && !requirement.level.is_forced() {
@@ -334,7 +326,7 @@ impl Deliverer {
             Failure::StarttlsNotOffered
         } else {
             let (config, verdict) =
-                match self.tls.client_config(requirement, &ctx.domain, &host.name) {
+                match self.tls.client_config(requirement, &a.ctx.domain, &host.name) {
                     Ok(pair) => pair,
                     Err(reason) => {
                         return HostResult::Final(Status::Deferred {
@@ -346,7 +338,7 @@ impl Deliverer {
             let server_name = server_name(&host.name, addr);
             match client.starttls(config, server_name, &verdict, &self.helo_name).await {
                 StartTls::Upgraded(mut tls_client, info) => {
-                    if message.requiretls && !tls_client.capabilities.requiretls {
+                    if a.message.requiretls && !tls_client.capabilities.requiretls {
                         tls_client.quit().await;
                         return HostResult::Final(Status::Bounced {
                             code: REQUIRETLS_CODE.to_owned(),
@@ -356,7 +348,7 @@ impl Deliverer {
                             ),
                         });
                     }
-                    let result = tls_client.transaction_tls(&envelope, message.body).await;
+                    let result = tls_client.transaction_tls(&a.envelope, a.message.body).await;
                     return match result {
                         Ok(results) => {
                             tls_client.quit().await;
@@ -380,68 +372,34 @@ impl Deliverer {
                         Failure::StarttlsNotOffered
                     }
                 }
-                StartTls::Failed(failure) => {
-                    return self
-                        .after_failure(
-                            chain,
-                            plan,
-                            ctx,
-                            requirement,
-                            host,
-                            addr,
-                            None,
-                            failure,
-                            message,
-                            &envelope,
-                        )
-                        .await;
-                }
+                StartTls::Failed(failure) => return self.after_failure(a, None, failure).await,
             }
         };
-        self.after_failure(
-            chain,
-            plan,
-            ctx,
-            requirement,
-            host,
-            addr,
-            Some(client),
-            failure,
-            message,
-            &envelope,
-        )
-        .await
+        self.after_failure(a, Some(client), failure).await
     }
 
     /// Carries out the policy's answer to a TLS failure.
-    #[allow(clippy::too_many_arguments)]
     async fn after_failure(
         &self,
-        chain: &Chain,
-        plan: &Plan,
-        ctx: &Context,
-        requirement: &Requirement,
-        host: &MxHost,
-        addr: SocketAddr,
+        a: &Attempt<'_>,
         plain: Option<Client<TcpStream>>,
         failure: Failure,
-        message: &Message<'_>,
-        envelope: &Envelope<'_>,
     ) -> HostResult {
-        let response = chain.on_failure(plan, ctx, &failure);
+        let (host, addr) = (a.host, a.addr);
+        let response = a.chain.on_failure(a.plan, a.ctx, &failure);
         tracing::info!(
-            domain = %ctx.domain, mx = %host.name, failure = failure.class(), action = %response.action,
+            domain = %a.ctx.domain, mx = %host.name, failure = failure.class(), action = %response.action,
             policy = %response.decider, "tls failure"
         );
-        let permit = PlaintextPermit::new(requirement, message.requiretls);
+        let plaintext_action =
+            matches!(response.action, Action::ContinuePlaintext | Action::ReconnectPlaintext);
+        if plaintext_action && PlaintextPermit::new(a.requirement, a.message.requiretls).is_none() {
+            return HostResult::Final(forced_plaintext_refused(a.requirement));
+        }
         match response.action {
-            Action::ContinuePlaintext => match (plain, permit) {
-                (Some(client), Some(permit)) => {
-                    let fallback = Fallback::SameConnection;
-                    plaintext(client, &permit, envelope, message.body, requirement, fallback).await
-                }
-                (_, None) => HostResult::Final(forced_plaintext_refused(requirement)),
-                (None, Some(_)) => HostResult::Final(Status::Deferred {
+            Action::ContinuePlaintext => match plain {
+                Some(client) => a.plaintext(client, Fallback::SameConnection).await,
+                None => HostResult::Final(Status::Deferred {
                     code: "4.7.0".into(),
                     reason: format!(
                         "cannot continue in plaintext after {}: connection unusable",
@@ -450,18 +408,11 @@ impl Deliverer {
                 }),
             },
             Action::ReconnectPlaintext => {
-                let Some(permit) = permit else {
-                    return HostResult::Final(forced_plaintext_refused(requirement));
-                };
                 if let Some(client) = plain {
                     client.quit().await;
                 }
                 match self.open(addr, &host.name).await {
-                    Ok(client) => {
-                        let fallback = Fallback::Reconnect;
-                        plaintext(client, &permit, envelope, message.body, requirement, fallback)
-                            .await
-                    }
+                    Ok(client) => a.plaintext(client, Fallback::Reconnect).await,
                     Err(reason) => HostResult::Next { code: "4.4.1".into(), reason },
                 }
             }
@@ -492,25 +443,36 @@ impl Deliverer {
     }
 }
 
-async fn plaintext(
-    mut client: Client<TcpStream>,
-    permit: &PlaintextPermit,
-    envelope: &Envelope<'_>,
-    body: &[u8],
-    requirement: &Requirement,
-    fallback: Fallback,
-) -> HostResult {
-    let peer = client.peer();
-    match client.transaction_plaintext(permit, envelope, body).await {
-        Ok(results) => {
+/// Everything one attempt at one address works with.
+struct Attempt<'a> {
+    chain: &'a Chain,
+    plan: &'a Plan,
+    ctx: &'a Context,
+    requirement: &'a Requirement,
+    host: &'a MxHost,
+    addr: SocketAddr,
+    message: &'a Message<'a>,
+    envelope: Envelope<'a>,
+}
+
+impl Attempt<'_> {
+    /// The transaction in plaintext, if the requirement allows it: the permit is checked here,
+    /// once, for every path that leads to plaintext (requirement `none`, continue, reconnect).
+    async fn plaintext(&self, mut client: Client<TcpStream>, fallback: Fallback) -> HostResult {
+        let Some(permit) = PlaintextPermit::new(self.requirement, self.message.requiretls) else {
             client.quit().await;
-            HostResult::Done(
-                results,
-                DeliveredVia { tls: None, fallback, requirement: requirement.clone() },
-            )
-        }
-        Err(e) => {
-            HostResult::Next { code: "4.4.2".into(), reason: format!("[{}]: {e}", peer.ip()) }
+            return HostResult::Final(forced_plaintext_refused(self.requirement));
+        };
+        let peer = client.peer();
+        match client.transaction_plaintext(&permit, &self.envelope, self.message.body).await {
+            Ok(results) => {
+                client.quit().await;
+                let requirement = self.requirement.clone();
+                HostResult::Done(results, DeliveredVia { tls: None, fallback, requirement })
+            }
+            Err(e) => {
+                HostResult::Next { code: "4.4.2".into(), reason: format!("[{}]: {e}", peer.ip()) }
+            }
         }
     }
 }
