@@ -3,6 +3,10 @@
 //! ```toml
 //! # Which column of the catalogue applies by default: opportunistic | forced | forced-verify.
 //! default = "forced"
+//! # Another column for whole families (the id before the dash), for policies that treat
+//! # some destinations differently from others.
+//! [family]
+//! CERT = "forced-verify"
 //! # Single scenarios that differ from the column (e.g. a policy that bounces instead).
 //! [scenario]
 //! "CAP-01" = "tls"
@@ -26,6 +30,8 @@ use serde::Deserialize;
 pub struct Expectations {
     /// The catalogue column used when a scenario has no override.
     pub default: Policy,
+    /// Per-family columns (family names upper-case, e.g. `CERT`).
+    pub families: BTreeMap<String, Policy>,
     /// Per-scenario overrides (ids upper-case).
     pub overrides: BTreeMap<String, Expect>,
 }
@@ -50,6 +56,8 @@ pub enum Expect {
 struct File {
     default: String,
     #[serde(default)]
+    family: BTreeMap<String, String>,
+    #[serde(default)]
     scenario: BTreeMap<String, String>,
 }
 
@@ -64,16 +72,19 @@ impl Expectations {
     /// Parses expectation text.
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
-        let default = match file.default.as_str() {
-            "opportunistic" => Policy::Opportunistic,
-            "forced" => Policy::Forced,
-            "forced-verify" => Policy::ForcedVerify,
-            other => {
-                return Err(format!(
-                    "default: `{other}` is not opportunistic, forced or forced-verify"
-                ));
+        let default = parse_column(&file.default).map_err(|e| format!("default: {e}"))?;
+        let mut families = BTreeMap::new();
+        for (family, column) in file.family {
+            let name = family.to_ascii_uppercase();
+            let known = postwarden_sim::scenario::catalogue()
+                .iter()
+                .any(|s| s.id.split('-').next() == Some(name.as_str()));
+            if !known {
+                return Err(format!("family.\"{family}\": no scenario id starts with `{name}-`"));
             }
-        };
+            let column = parse_column(&column).map_err(|e| format!("family.\"{family}\": {e}"))?;
+            families.insert(name, column);
+        }
         let mut overrides = BTreeMap::new();
         for (id, word) in file.scenario {
             let expect = Expect::parse(&word).ok_or_else(|| {
@@ -86,20 +97,32 @@ impl Expectations {
             }
             overrides.insert(id.to_ascii_uppercase(), expect);
         }
-        Ok(Expectations { default, overrides })
+        Ok(Expectations { default, families, overrides })
     }
 
     /// A file with only a default column.
     pub fn column(default: Policy) -> Self {
-        Expectations { default, overrides: BTreeMap::new() }
+        Expectations { default, families: BTreeMap::new(), overrides: BTreeMap::new() }
     }
 
-    /// What is expected of `scenario`.
+    /// What is expected of `scenario`: its override, else its family's column, else the
+    /// default column.
     pub fn expected(&self, scenario: &Scenario) -> Expected {
-        match self.overrides.get(scenario.id) {
-            Some(expect) => Expected::File(expect.clone()),
-            None => Expected::Catalogue(scenario.expected.outcome(self.default)),
+        if let Some(expect) = self.overrides.get(scenario.id) {
+            return Expected::File(expect.clone());
         }
+        let family = scenario.id.split('-').next().unwrap_or_default();
+        let column = self.families.get(family).copied().unwrap_or(self.default);
+        Expected::Catalogue(scenario.expected.outcome(column))
+    }
+}
+
+fn parse_column(word: &str) -> Result<Policy, String> {
+    match word {
+        "opportunistic" => Ok(Policy::Opportunistic),
+        "forced" => Ok(Policy::Forced),
+        "forced-verify" => Ok(Policy::ForcedVerify),
+        other => Err(format!("`{other}` is not opportunistic, forced or forced-verify")),
     }
 }
 
@@ -225,5 +248,29 @@ mod tests {
         assert!(err.contains("no such scenario"), "{err}");
         let err = Expectations::parse("default = \"strict\"\n").unwrap_err();
         assert!(err.contains("default: `strict`"), "{err}");
+    }
+
+    #[test]
+    fn families_pick_their_column_and_overrides_win() {
+        let text = "default = \"opportunistic\"\n[family]\ncert = \"forced-verify\"\n\
+                    [scenario]\n\"CERT-02\" = \"bounce\"\n";
+        let file = Expectations::parse(text).unwrap();
+        let column = |id: &str| match file.expected(&postwarden_sim::scenario::find(id).unwrap()) {
+            Expected::Catalogue(outcome) => outcome.to_string(),
+            Expected::File(expect) => format!("file {expect:?}"),
+        };
+        // CERT-03: a self-signed certificate, where the columns differ.
+        let cert = postwarden_sim::scenario::find("CERT-03").unwrap();
+        assert_eq!(column("CERT-03"), cert.expected.outcome(Policy::ForcedVerify).to_string());
+        assert_ne!(column("CERT-03"), cert.expected.outcome(Policy::Opportunistic).to_string());
+        assert_eq!(column("CERT-02"), "file Bounce");
+        let cap = postwarden_sim::scenario::find("CAP-02").unwrap();
+        assert_eq!(column("CAP-02"), cap.expected.outcome(Policy::Opportunistic).to_string());
+        let err =
+            Expectations::parse("default = \"forced\"\n[family]\nNOPE = \"forced\"\n").unwrap_err();
+        assert!(err.contains("family.\"NOPE\": no scenario id starts with `NOPE-`"), "{err}");
+        let err =
+            Expectations::parse("default = \"forced\"\n[family]\nHS = \"strict\"\n").unwrap_err();
+        assert!(err.contains("family.\"HS\": `strict`"), "{err}");
     }
 }

@@ -72,6 +72,10 @@ struct ConformanceArgs {
     /// The relay's per-stage timeout, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Cache compiled policies here (Python and JavaScript components take seconds to compile;
+    /// entries are keyed by content and engine, so a shared directory is safe).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -130,6 +134,7 @@ async fn conformance(args: ConformanceArgs) -> anyhow::Result<bool> {
             );
             options.only = only;
             options.timeout = Duration::from_millis(args.timeout_ms);
+            options.cache_dir = args.cache_dir.clone();
             postwarden_conformance::run(&options).await?
         }
         (None, Some(relay)) => {
