@@ -16,6 +16,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::{self, Exports};
+use super::gate::Gate;
 use super::instance::{Limits, LoadedPolicy, Parts, PolicyFault, StoreState};
 use super::kv::KvStore;
 
@@ -144,6 +145,7 @@ pub struct PolicyEngine {
     large: Arc<OnceLock<Result<Runtime, String>>>,
     slots: u32,
     cache_dir: Option<PathBuf>,
+    gate: Arc<Gate>,
 }
 
 /// One wasmtime engine with its linker and epoch ticker.
@@ -198,6 +200,7 @@ impl PolicyEngine {
             large: Arc::default(),
             slots,
             cache_dir: options.cache_dir.clone(),
+            gate: Arc::new(Gate::per_cpu()),
         })
     }
 
@@ -240,6 +243,7 @@ impl PolicyEngine {
             limits: source.limits,
             kv,
             sha256: info.sha256.clone(),
+            gate: self.gate.clone(),
         };
         let policy = LoadedPolicy::configure(parts, &source.settings)
             .map_err(|fault| LoadError::Configure { name: name.clone(), fault })?;
@@ -292,13 +296,17 @@ impl PolicyEngine {
             ));
         };
         let path = cache_path(&rt.engine, dir, sha256);
-        if path.exists() {
-            // SAFETY: `deserialize_file` trusts its input to be wasmtime output. The cache
+        // Read whole rather than mapped (`deserialize_file`): a mapped artifact faults its
+        // pages in during the first decisions, and those faults are charged to the decisions'
+        // CPU deadline. For a 35 MB Python artifact that pushed first decisions past 10 ms;
+        // reading costs ~20 ms once, at load.
+        if let Ok(cached) = std::fs::read(&path) {
+            // SAFETY: `deserialize` trusts its input to be wasmtime output. The cache
             // directory is the relay's own, written only below with `precompile_component`
             // output (atomically, via rename), and the file name binds it to the content hash
             // and this engine's compatibility hash.
             #[allow(unsafe_code)]
-            match unsafe { Component::deserialize_file(&rt.engine, &path) } {
+            match unsafe { Component::deserialize(&rt.engine, &cached) } {
                 Ok(component) => return Ok((component, CompileSource::Cache)),
                 Err(e) => {
                     tracing::warn!(policy = name, path = %path.display(), "ignoring unusable cache entry: {e:#}")

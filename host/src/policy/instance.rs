@@ -8,14 +8,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{ResourceLimiter, Store, Trap};
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::Exports;
+use super::gate::Gate;
 use super::kv::KvStore;
 use super::types::{Action, Context, Decision, DeliveryReport, Failure};
 
@@ -110,6 +111,7 @@ pub struct LoadedPolicy {
     kv: Arc<dyn KvStore>,
     stats: Arc<PolicyStats>,
     sha256: String,
+    gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for LoadedPolicy {
@@ -131,6 +133,7 @@ pub(super) struct Parts {
     pub limits: Limits,
     pub kv: Arc<dyn KvStore>,
     pub sha256: String,
+    pub gate: Arc<Gate>,
 }
 
 impl LoadedPolicy {
@@ -146,6 +149,7 @@ impl LoadedPolicy {
             kv: parts.kv,
             stats: Arc::default(),
             sha256: parts.sha256,
+            gate: parts.gate,
         };
         let settings = settings.to_owned();
         let (result, state) =
@@ -221,15 +225,19 @@ impl LoadedPolicy {
             true => (self.limits.configure_deadline, self.limits.configure_memory),
             false => (self.limits.deadline, self.limits.memory),
         };
+        // Admitted before the store exists: the deadline below starts counting only once this
+        // call has a CPU (see `gate`).
+        let _permit = self.gate.enter();
         let mut store = Store::new(&self.engine, self.state(configuring, limits.1));
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(super::engine::deadline_ticks(limits.0));
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().clock.on_deadline()));
+        // The clock starts on the thread that runs the guest.
+        let f = move |exports: &Exports, store: &mut Store<StoreState>| {
+            store.data_mut().clock = CpuClock::start(limits.0);
+            f(exports, store)
+        };
 
-        // wasmtime-wasi's synchronous bindings block on a Tokio runtime of their own, which
-        // panics on a thread that already drives one (the relay's). Calls into guests that
-        // import WASI therefore run on a short-lived thread of their own when a runtime is
-        // present; guests without WASI imports (the bundled Rust policies) never pay for it.
         let outcome = if self.needs_wasi && tokio::runtime::Handle::try_current().is_ok() {
             let exports = &self.exports;
             std::thread::scope(|scope| {
@@ -268,11 +276,50 @@ impl LoadedPolicy {
             kv: self.kv.clone(),
             logs: Vec::new(),
             limiter: Limiter { max_memory, exceeded: false },
+            clock: CpuClock::start(Duration::ZERO),
             // Created on the guest's first WASI call: most calls make none, and building a
             // WASI context would double the cost of a decision.
             wasi: None,
         }
     }
+}
+
+/// A call's deadline, charged in CPU time of the thread that runs it.
+///
+/// The epoch ticker fires at the nominal deadline in wall-clock time. A call that was
+/// preempted (a loaded machine, a build next to the relay, a hundred deliveries on two cores)
+/// has used less CPU than that, and gets the rest of its budget; a guest that loops uses CPU
+/// and is stopped once it has had its whole budget. Waiting is never charged, working always
+/// is. A wall-clock ceiling of [`WALL_CEILING`] deadlines bounds the latency of a call on a
+/// starved machine.
+struct CpuClock {
+    budget: Duration,
+    cpu_at_start: Duration,
+    wall_at_start: Instant,
+}
+
+/// How many deadlines of wall-clock time a call may take at most, however little CPU it got.
+const WALL_CEILING: u32 = 20;
+
+impl CpuClock {
+    fn start(budget: Duration) -> Self {
+        CpuClock { budget, cpu_at_start: thread_cpu_time(), wall_at_start: Instant::now() }
+    }
+
+    /// Called on the guest's thread when the epoch deadline passes.
+    fn on_deadline(&self) -> UpdateDeadline {
+        let used = thread_cpu_time().saturating_sub(self.cpu_at_start);
+        if used >= self.budget || self.wall_at_start.elapsed() >= self.budget * WALL_CEILING {
+            return UpdateDeadline::Interrupt;
+        }
+        UpdateDeadline::Continue(super::engine::deadline_ticks(self.budget - used))
+    }
+}
+
+/// CPU time used so far by the calling thread (one `clock_gettime`, well under a microsecond).
+fn thread_cpu_time() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(u64::try_from(now.tv_sec).unwrap_or(0), u32::try_from(now.tv_nsec).unwrap_or(0))
 }
 
 /// Names the fault behind a failed call, given the limits it ran under.
@@ -300,6 +347,7 @@ pub(crate) struct StoreState {
     pub(super) kv: Arc<dyn KvStore>,
     logs: Vec<String>,
     limiter: Limiter,
+    clock: CpuClock,
     wasi: Option<WasiState>,
 }
 

@@ -12,6 +12,7 @@
 mod bindings;
 pub mod chain;
 pub mod engine;
+mod gate;
 pub mod instance;
 pub mod kv;
 pub mod types;
