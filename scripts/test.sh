@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Runs every check and test from a fresh clone: installs the wasm target, builds the policies
-# to wasm components, then formatting, lints and the whole test suite.
+# Runs every check and test from a fresh clone: installs the wasm targets and the Python and
+# JavaScript policy toolchains, builds the policies to wasm components, then formatting, lints
+# and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
+./scripts/polyglot-tools.sh
 # Build the policy components first: the tests load them (and rebuild them if stale).
 cargo build --locked --profile policy --target wasm32-unknown-unknown \
-    -p opportunistic -p forced-tls -p postfix-map -p tofu
+    -p opportunistic -p forced-tls -p postfix-map -p tofu -p partner
 cargo build --locked --profile policy --target wasm32-wasip2 -p broken-policy
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings

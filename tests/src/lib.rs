@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`wasm`]: the bundled policies and test fixtures, built to wasm components on demand.
+//! - [`polyglot`]: policies in Python, JavaScript and WAT, built with their own toolchains.
 
 pub mod chains;
+pub mod polyglot;
 pub mod sim;
 pub mod wasm;

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 /// The bundled policies, built for `wasm32-unknown-unknown`: no WASI imports, so a fresh
 /// instance per decision is cheapest. The host wraps the core module into a component.
-pub const BUNDLED: [&str; 4] = ["opportunistic", "forced-tls", "postfix-map", "tofu"];
+pub const BUNDLED: [&str; 5] = ["opportunistic", "forced-tls", "postfix-map", "tofu", "partner"];
 
 /// Test fixtures, built for `wasm32-wasip2`: a real WASI-importing component, so that the
 /// deny-by-default WASI is exercised.
@@ -73,4 +73,20 @@ fn build(target: &str, crates: &[&str]) -> Result<(), String> {
             String::from_utf8_lossy(&output.stderr)
         ))
     }
+}
+
+/// A binary of this workspace (dev profile), built if stale: for tests in one package that run
+/// another package's command, such as `postwarden-sim` from the `postwarden` CLI's tests.
+pub fn binary(package: &str, name: &str) -> PathBuf {
+    let output = Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", package, "--bin", name])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo: {e}"));
+    assert!(
+        output.status.success(),
+        "building {name} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    target_dir().join("debug").join(name)
 }
