@@ -118,6 +118,22 @@ pub enum PolicyCommand {
         #[arg(long)]
         tls_required_no: bool,
     },
+    /// Create a policy project (Rust, Python or JavaScript) that builds and passes its own
+    /// conformance test out of the box: `make build`, `make test`.
+    New {
+        /// The language.
+        #[arg(long, value_enum)]
+        lang: crate::scaffold::Lang,
+        /// The project directory (created; must not exist or be empty).
+        dir: PathBuf,
+        /// The policy's name (default: the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Rust: the `policy-sdk` directory to depend on (default: the one of the checkout this
+        /// binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Inspect or clear what policies remember (their persistent key-value stores).
     #[command(subcommand)]
     State(StateCommand),
@@ -193,13 +209,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             let mut ctx = Context::new(&domain, mx.as_deref().unwrap_or(&domain));
             ctx.mx_index = mx_index;
-            ctx.mx_count = mx_count.max(mx_index + 1);
+            ctx.mx_count = mx_count.max(mx_index.saturating_add(1));
             ctx.attempt = attempt;
             ctx.requiretls = requiretls;
             ctx.tls_required_no = tls_required_no;
             explain(&config, &ctx, failure.as_deref(), &mut out)?
         }
         Command::Policy(PolicyCommand::State(cmd)) => state(cmd, &mut out)?,
+        Command::Policy(PolicyCommand::New { lang, dir, name, sdk }) => {
+            let new = crate::scaffold::NewPolicy { lang, dir, name, sdk };
+            let files = crate::scaffold::create(&new)?;
+            let _ = writeln!(out, "created a {lang} policy in {}:", new.dir.display());
+            for file in files {
+                let _ = writeln!(out, "  {file}");
+            }
+            let _ = writeln!(out, "next: cd {} && make test (see README.md)", new.dir.display());
+            ExitCode::SUCCESS
+        }
         Command::Queue(cmd) => queue(cmd, &mut out)?,
     };
     print!("{out}");

@@ -20,5 +20,6 @@ pub mod inbound;
 pub mod policy;
 pub mod probe;
 pub mod queue;
+pub mod scaffold;
 pub mod service;
 pub mod smtp;
