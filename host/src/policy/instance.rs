@@ -228,15 +228,11 @@ impl LoadedPolicy {
         // Admitted before the store exists: the deadline below starts counting only once this
         // call has a CPU (see `gate`).
         let _permit = self.gate.enter();
-        let mut store = Store::new(&self.engine, self.state(configuring, limits.1));
+        let mut store = Store::new(&self.engine, self.state(configuring, limits));
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(super::engine::deadline_ticks(limits.0));
+        // The first tick takes the CPU clock's reference (see `CpuClock`).
+        store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().clock.on_deadline()));
-        // The clock starts on the thread that runs the guest.
-        let f = move |exports: &Exports, store: &mut Store<StoreState>| {
-            store.data_mut().clock = CpuClock::start(limits.0);
-            f(exports, store)
-        };
 
         let outcome = if self.needs_wasi && tokio::runtime::Handle::try_current().is_ok() {
             let exports = &self.exports;
@@ -257,7 +253,7 @@ impl LoadedPolicy {
             // closed like any other fault; the relay goes on.
             Err(()) => {
                 let fault = PolicyFault::Trap("the policy's worker thread panicked".to_owned());
-                return (Err(fault), self.state(configuring, limits.1));
+                return (Err(fault), self.state(configuring, limits));
             }
         };
         let mut state = store.into_data();
@@ -268,7 +264,7 @@ impl LoadedPolicy {
 
 impl LoadedPolicy {
     /// A fresh store's data.
-    fn state(&self, configuring: bool, max_memory: usize) -> StoreState {
+    fn state(&self, configuring: bool, (deadline, max_memory): (Duration, usize)) -> StoreState {
         StoreState {
             name: self.name.clone(),
             table: self.table.clone(),
@@ -276,7 +272,7 @@ impl LoadedPolicy {
             kv: self.kv.clone(),
             logs: Vec::new(),
             limiter: Limiter { max_memory, exceeded: false },
-            clock: CpuClock::start(Duration::ZERO),
+            clock: CpuClock::new(deadline),
             // Created on the guest's first WASI call: most calls make none, and building a
             // WASI context would double the cost of a decision.
             wasi: None,
@@ -286,30 +282,38 @@ impl LoadedPolicy {
 
 /// A call's deadline, charged in CPU time of the thread that runs it.
 ///
-/// The epoch ticker fires at the nominal deadline in wall-clock time. A call that was
-/// preempted (a loaded machine, a build next to the relay, a hundred deliveries on two cores)
-/// has used less CPU than that, and gets the rest of its budget; a guest that loops uses CPU
-/// and is stopped once it has had its whole budget. Waiting is never charged, working always
-/// is. A wall-clock ceiling of [`WALL_CEILING`] deadlines bounds the latency of a call on a
-/// starved machine.
+/// A call that was preempted (a loaded machine, a build next to the relay, a hundred
+/// deliveries on two cores) has used less CPU than the wall-clock time that passed, and gets
+/// the rest of its budget; a guest that loops uses CPU and is stopped once it has had its whole
+/// budget. Waiting is never charged, working always is. A wall-clock ceiling of
+/// [`WALL_CEILING`] deadlines bounds the latency of a call on a starved machine.
+///
+/// Reading a thread's CPU clock is a system call (~0.6 µs here, more than a tenth of a Rust
+/// decision), so nothing is read when a call starts: the first epoch tick of the call (at most
+/// one tick, 1 ms, in) takes the reference, and the budget counts from there. Calls that end
+/// before a tick, nearly all of them, never read the clock.
 struct CpuClock {
     budget: Duration,
-    cpu_at_start: Duration,
-    wall_at_start: Instant,
+    reference: Option<(Duration, Instant)>,
 }
 
 /// How many deadlines of wall-clock time a call may take at most, however little CPU it got.
 const WALL_CEILING: u32 = 20;
 
 impl CpuClock {
-    fn start(budget: Duration) -> Self {
-        CpuClock { budget, cpu_at_start: thread_cpu_time(), wall_at_start: Instant::now() }
+    fn new(budget: Duration) -> Self {
+        CpuClock { budget, reference: None }
     }
 
-    /// Called on the guest's thread when the epoch deadline passes.
-    fn on_deadline(&self) -> UpdateDeadline {
-        let used = thread_cpu_time().saturating_sub(self.cpu_at_start);
-        if used >= self.budget || self.wall_at_start.elapsed() >= self.budget * WALL_CEILING {
+    /// Called on the guest's thread when the epoch deadline passes; the first deadline is set
+    /// one tick after the store is created.
+    fn on_deadline(&mut self) -> UpdateDeadline {
+        let Some((cpu_at_reference, wall_at_reference)) = self.reference else {
+            self.reference = Some((thread_cpu_time(), Instant::now()));
+            return UpdateDeadline::Continue(super::engine::deadline_ticks(self.budget));
+        };
+        let used = thread_cpu_time().saturating_sub(cpu_at_reference);
+        if used >= self.budget || wall_at_reference.elapsed() >= self.budget * WALL_CEILING {
             return UpdateDeadline::Interrupt;
         }
         UpdateDeadline::Continue(super::engine::deadline_ticks(self.budget - used))
@@ -459,5 +463,36 @@ impl ResourceLimiter for Limiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    fn spin_cpu(duration: Duration) {
+        let started = thread_cpu_time();
+        while thread_cpu_time().saturating_sub(started) < duration {
+            std::hint::spin_loop();
+        }
+    }
+
+    #[test]
+    fn waiting_is_not_charged_and_working_is() {
+        let mut clock = CpuClock::new(Duration::from_millis(20));
+        // The first deadline only takes the reference.
+        assert!(matches!(clock.on_deadline(), UpdateDeadline::Continue(_)));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(matches!(clock.on_deadline(), UpdateDeadline::Continue(_)), "waiting was charged");
+        spin_cpu(Duration::from_millis(25));
+        assert!(matches!(clock.on_deadline(), UpdateDeadline::Interrupt), "work was not charged");
+    }
+
+    #[test]
+    fn a_starved_call_still_ends_at_the_wall_clock_ceiling() {
+        let mut clock = CpuClock::new(Duration::from_millis(1));
+        assert!(matches!(clock.on_deadline(), UpdateDeadline::Continue(_)));
+        std::thread::sleep(Duration::from_millis(u64::from(WALL_CEILING) + 5));
+        assert!(matches!(clock.on_deadline(), UpdateDeadline::Interrupt));
     }
 }
