@@ -23,15 +23,7 @@ const SETTINGS: &str =
 fn main() {
     println!(
         "{:<8} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}",
-        "lang",
-        "size",
-        "cold",
-        "cached",
-        "restart",
-        "plan p50",
-        "plan p99",
-        "fail p50",
-        "fail p99"
+        "lang", "size", "cold", "cached", "restart", "plan p50", "plan p99", "fail p50", "fail p99"
     );
     let only = std::env::var("PW_LANGS").unwrap_or_default();
     for lang in Lang::ALL {
