@@ -170,11 +170,11 @@ fn every_language_rejects_bad_settings_with_the_same_words() {
     }
 }
 
-/// The Python guest imports WASI filesystem, sockets and environment interfaces; the relay
-/// links them deny-by-default. The probe tries each and reports what happened in its
-/// `configure` error.
+/// The Python guest imports WASI filesystem, sockets, environment and clock interfaces; the
+/// relay links them deny-by-default, and polls never block. The probe tries each and reports
+/// what happened in its `configure` error.
 #[test]
-fn a_python_guest_cannot_reach_files_sockets_or_the_environment() {
+fn a_python_guest_cannot_reach_files_sockets_or_the_environment_nor_wait() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret.txt");
     std::fs::write(&secret, "the-secret-value").unwrap();
@@ -190,6 +190,15 @@ fn a_python_guest_cannot_reach_files_sockets_or_the_environment() {
     assert!(report.contains("env=0 keys"), "{report}");
     assert!(report.contains("listdir=denied"), "{report}");
     assert!(!report.contains("the-secret-value"), "{report}");
+    // The guest asked to sleep 5 s; in a policy, sleeps return at once (no deadline can reach
+    // a guest that waits in the host).
+    let slept: u64 = report
+        .split("sleep=")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no sleep report: {report}"));
+    assert!(slept < 1_000, "the guest slept {slept} ms: {report}");
     // Nothing reached the listener, not even a connection attempt.
     std::thread::sleep(Duration::from_millis(50));
     match listener.accept() {

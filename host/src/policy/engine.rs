@@ -180,9 +180,34 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         bindings::add_to_linker(&mut linker).map_err(|e| format!("{e:#}"))?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("{e:#}"))?;
+        never_block(&mut linker).map_err(|e| format!("{e:#}"))?;
         let ticker = Ticker::start(engine.clone());
         Ok(Runtime { engine, linker, _ticker: ticker })
     }
+}
+
+/// Replaces WASI's blocking `poll` and `pollable.block` with versions that report every
+/// pollable ready at once.
+///
+/// A guest waits in the host, where no deadline can reach it: epoch interruption fires only in
+/// guest code, and the deadline counts CPU time, which waiting does not use. A Python policy
+/// calling `time.sleep(3)` therefore held its decision (and a slot of the call gate) for three
+/// seconds. Nothing a policy may do needs to wait: it has no sockets or files, and its stdout
+/// and stderr are memory pipes that are always ready. So in a policy, time does not pass by
+/// waiting: sleeps return at once, and a guest that polls in a loop burns its CPU budget and is
+/// stopped like any other loop.
+fn never_block(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance("wasi:io/poll@0.2.12")?;
+    poll.func_wrap("poll", |_, (pollables,): (Vec<Resource<DynPollable>>,)| {
+        let ready = 0..u32::try_from(pollables.len()).unwrap_or(u32::MAX);
+        Ok((ready.collect::<Vec<u32>>(),))
+    })?;
+    poll.func_wrap("[method]pollable.block", |_, (_,): (Resource<DynPollable>,)| Ok(()))?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 impl std::fmt::Debug for PolicyEngine {
