@@ -210,3 +210,15 @@ fn a_python_guest_cannot_reach_files_sockets_or_the_environment_nor_wait() {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
     }
 }
+
+/// An exception that escapes a Python method traps the instance; the fault carries the last
+/// line the guest wrote to stderr, so `postwarden policy check` and the log say why.
+#[test]
+fn a_python_exception_is_named_in_the_fault() {
+    let err = load("probe", &polyglot::sandbox_probe(), "raise = \"settings look odd\"")
+        .map(|_| ())
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains("trapped"), "{text}");
+    assert!(text.contains("RuntimeError: settings look odd"), "{text}");
+}

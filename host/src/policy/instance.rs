@@ -273,6 +273,7 @@ impl LoadedPolicy {
             logs: Vec::new(),
             limiter: Limiter { max_memory, exceeded: false },
             clock: CpuClock::new(deadline),
+            last_stderr: None,
             // Created on the guest's first WASI call: most calls make none, and building a
             // WASI context would double the cost of a decision.
             wasi: None,
@@ -338,9 +339,19 @@ fn classify(
     if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return PolicyFault::Deadline(deadline);
     }
-    // The first line names the trap; the rest is a backtrace.
-    let text = format!("{error:#}");
-    PolicyFault::Trap(text.lines().next().unwrap_or_default().to_owned())
+    // The outermost message is "error while executing at wasm backtrace:"; the trap itself
+    // is the root cause.
+    let cause = match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => error.root_cause().to_string(),
+    };
+    let mut text = cause.lines().next().unwrap_or_default().to_owned();
+    // Interpreted guests report why they gave up on stderr (a Python traceback's last line, a
+    // JS exception that could not be returned); without it the fault says only "unreachable".
+    if let Some(line) = &state.last_stderr {
+        text.push_str(&format!(" (guest stderr: {line})"));
+    }
+    PolicyFault::Trap(text)
 }
 
 /// The data of one store: everything the host imports need during one call.
@@ -353,6 +364,8 @@ pub(crate) struct StoreState {
     limiter: Limiter,
     clock: CpuClock,
     wasi: Option<WasiState>,
+    /// The last line the guest wrote to stderr in this call, for fault messages.
+    last_stderr: Option<String>,
 }
 
 impl StoreState {
@@ -395,13 +408,32 @@ impl StoreState {
     /// Moves whatever the guest wrote to WASI stdout/stderr into the log.
     fn flush_stdio(&mut self) {
         let Some(wasi) = &self.wasi else { return };
-        let captured = [wasi.stdout.contents(), wasi.stderr.contents()];
-        for bytes in captured {
-            for line in String::from_utf8_lossy(&bytes).lines().filter(|l| !l.is_empty()) {
-                self.log(tracing::Level::INFO, format!("stdio: {line}"));
+        let (stdout, stderr) = (wasi.stdout.contents(), wasi.stderr.contents());
+        for line in String::from_utf8_lossy(&stdout).lines().filter(|l| !l.is_empty()) {
+            self.log(tracing::Level::INFO, format!("stdio: {line}"));
+        }
+        for line in String::from_utf8_lossy(&stderr).lines().filter(|l| !l.trim().is_empty()) {
+            if !is_runtime_boilerplate(line) {
+                self.last_stderr = Some(line.trim().chars().take(300).collect());
             }
+            self.log(tracing::Level::INFO, format!("stdio: {line}"));
         }
     }
+}
+
+/// Lines a guest's language runtime prints around the real error: stack frames (indented),
+/// componentize-py's Rust runtime panicking after the Python traceback (whose last line names
+/// the exception), SpiderMonkey's stack header and abort notice after the JS message.
+fn is_runtime_boilerplate(line: &str) -> bool {
+    const PREFIXES: [&str; 6] = [
+        "thread '",
+        "note: run with `RUST_BACKTRACE",
+        "stack backtrace:",
+        "Python function threw an unexpected exception",
+        "Stack:",
+        "Redirecting call to abort()",
+    ];
+    line.starts_with(char::is_whitespace) || PREFIXES.iter().any(|prefix| line.starts_with(prefix))
 }
 
 impl WasiView for StoreState {
@@ -463,6 +495,27 @@ impl ResourceLimiter for Limiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
+    }
+}
+
+#[cfg(test)]
+mod stderr_tests {
+    use super::is_runtime_boilerplate;
+
+    #[test]
+    fn the_guests_own_message_is_kept_and_runtime_noise_skipped() {
+        // What SpiderMonkey printed for `throw new Error(...)` from `configure`.
+        let js = "expected a string, received [object]\nStack:\n  _utf8AllocateAndEncode@x.js:18:11\n\
+                  Redirecting call to abort() to mozalloc_abort";
+        let kept: Vec<_> = js.lines().filter(|l| !is_runtime_boilerplate(l)).collect();
+        assert_eq!(kept, ["expected a string, received [object]"]);
+        // What componentize-py printed for an uncaught exception.
+        let py = "Traceback (most recent call last):\n  File \"/0/app.py\", line 85, in configure\n\
+                  RuntimeError: odd\nthread '<unnamed>' (1) panicked at runtime/src/lib.rs:1293:29:\n\
+                  Python function threw an unexpected exception\n\
+                  note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace";
+        let kept: Vec<_> = py.lines().filter(|l| !is_runtime_boilerplate(l)).collect();
+        assert_eq!(kept.last(), Some(&"RuntimeError: odd"));
     }
 }
 
