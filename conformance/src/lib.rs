@@ -233,6 +233,17 @@ async fn run_one(
         .collect();
     let mut problems = Vec::new();
     judge(&scenario, &options.expectations, &expected, &observed, &mut problems);
+    // A wrong deferral or bounce is diagnosed by its reason (a policy fault, which one).
+    if !problems.is_empty() {
+        for recipient in &outcome.recipients {
+            if let Status::Deferred { reason, .. } | Status::Bounced { reason, .. } =
+                &recipient.status
+            {
+                let local = recipient.rcpt.split('@').next().unwrap_or_default();
+                problems.push(format!("{local}: the relay's reason: {reason}"));
+            }
+        }
+    }
 
     let transcript = fleet.transcripts().settled(&domain, Duration::from_secs(2)).await;
     for violation in postwarden_sim::check(scenario.id, &transcript, forced) {

@@ -84,3 +84,18 @@ async fn a_wrong_expectation_fails_with_a_clear_message() {
         "{junit}"
     );
 }
+
+/// When a policy faults, the failure report says so: the deferral's reason names the policy
+/// and the fault, so an author sees "trapped" rather than a bare 4.7.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulting_policy_is_diagnosed_in_the_report() {
+    let expect = Expectations::parse("default = \"opportunistic\"\n").unwrap();
+    let mut options =
+        RunOptions::new("broken", wasm::policy("broken-policy"), r#"{"mode": "trap"}"#, expect);
+    options.only = Some(vec!["CAP-01".into()]);
+    let report = run(&options).await.unwrap();
+    assert_eq!(report.failures(), 1);
+    let table = report::table(&report);
+    assert!(table.contains("expected TLS, got DEFER 4.7.0"), "{table}");
+    assert!(table.contains("the relay's reason:") && table.contains("trapped"), "{table}");
+}
