@@ -64,9 +64,13 @@ pub enum PolicyFault {
     /// the memory cap).
     #[error("trapped: {0}")]
     Trap(String),
-    /// The call ran past its deadline and was interrupted.
+    /// The call used its whole CPU budget and was interrupted.
     #[error("exceeded its deadline of {0:?}")]
     Deadline(Duration),
+    /// The call got so little CPU that it reached the wall-clock ceiling (the machine, not the
+    /// policy, is the likely culprit) and was interrupted.
+    #[error("was interrupted after {0:?} of wall-clock time without finishing (starved of CPU)")]
+    Starved(Duration),
     /// The guest tried to grow its memory beyond the cap.
     #[error("exceeded its memory limit of {0} bytes")]
     MemoryLimit(usize),
@@ -83,7 +87,7 @@ impl PolicyFault {
     pub fn kind(&self) -> &'static str {
         match self {
             PolicyFault::Trap(_) => "trap",
-            PolicyFault::Deadline(_) => "deadline",
+            PolicyFault::Deadline(_) | PolicyFault::Starved(_) => "deadline",
             PolicyFault::MemoryLimit(_) => "memory",
             PolicyFault::Invalid(_) => "invalid",
             PolicyFault::Configure(_) => "configure",
@@ -286,8 +290,8 @@ impl LoadedPolicy {
 /// A call that was preempted (a loaded machine, a build next to the relay, a hundred
 /// deliveries on two cores) has used less CPU than the wall-clock time that passed, and gets
 /// the rest of its budget; a guest that loops uses CPU and is stopped once it has had its whole
-/// budget. Waiting is never charged, working always is. A wall-clock ceiling of
-/// [`WALL_CEILING`] deadlines bounds the latency of a call on a starved machine.
+/// budget. Waiting is never charged, working always is. A wall-clock ceiling (see
+/// [`CpuClock::wall_ceiling`]) bounds the latency of a call on a starved machine.
 ///
 /// Reading a thread's CPU clock is a system call (~0.6 µs here, more than a tenth of a Rust
 /// decision), so nothing is read when a call starts: the first epoch tick of the call (at most
@@ -296,14 +300,25 @@ impl LoadedPolicy {
 struct CpuClock {
     budget: Duration,
     reference: Option<(Duration, Instant)>,
+    /// The call was interrupted at the wall-clock ceiling, not for using its budget.
+    starved: bool,
 }
 
-/// How many deadlines of wall-clock time a call may take at most, however little CPU it got.
+/// How many deadlines of wall-clock time a call may take at most, however little CPU it got
+/// (but never less than [`MIN_WALL_CEILING`]).
 const WALL_CEILING: u32 = 20;
+/// A decision waiting this long for a CPU means an overloaded machine; deferring is then
+/// better than holding the delivery.
+const MIN_WALL_CEILING: Duration = Duration::from_secs(1);
 
 impl CpuClock {
     fn new(budget: Duration) -> Self {
-        CpuClock { budget, reference: None }
+        CpuClock { budget, reference: None, starved: false }
+    }
+
+    /// The most wall-clock time a call may take, counted from its first tick.
+    fn wall_ceiling(&self) -> Duration {
+        (self.budget * WALL_CEILING).max(MIN_WALL_CEILING)
     }
 
     /// Called on the guest's thread when the epoch deadline passes; the first deadline is set
@@ -314,7 +329,11 @@ impl CpuClock {
             return UpdateDeadline::Continue(super::engine::deadline_ticks(self.budget));
         };
         let used = thread_cpu_time().saturating_sub(cpu_at_reference);
-        if used >= self.budget || wall_at_reference.elapsed() >= self.budget * WALL_CEILING {
+        if used >= self.budget {
+            return UpdateDeadline::Interrupt;
+        }
+        if wall_at_reference.elapsed() >= self.wall_ceiling() {
+            self.starved = true;
             return UpdateDeadline::Interrupt;
         }
         UpdateDeadline::Continue(super::engine::deadline_ticks(self.budget - used))
@@ -337,7 +356,10 @@ fn classify(
         return PolicyFault::MemoryLimit(memory);
     }
     if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
-        return PolicyFault::Deadline(deadline);
+        return match state.clock.starved {
+            true => PolicyFault::Starved(state.clock.wall_ceiling()),
+            false => PolicyFault::Deadline(deadline),
+        };
     }
     // The outermost message is "error while executing at wasm backtrace:"; the trap itself
     // is the root cause.
@@ -544,8 +566,13 @@ mod clock_tests {
     #[test]
     fn a_starved_call_still_ends_at_the_wall_clock_ceiling() {
         let mut clock = CpuClock::new(Duration::from_millis(1));
+        assert_eq!(clock.wall_ceiling(), MIN_WALL_CEILING);
         assert!(matches!(clock.on_deadline(), UpdateDeadline::Continue(_)));
-        std::thread::sleep(Duration::from_millis(u64::from(WALL_CEILING) + 5));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(matches!(clock.on_deadline(), UpdateDeadline::Continue(_)));
+        assert!(!clock.starved);
+        std::thread::sleep(Duration::from_millis(550));
         assert!(matches!(clock.on_deadline(), UpdateDeadline::Interrupt));
+        assert!(clock.starved, "the fault must say the machine starved the call");
     }
 }
