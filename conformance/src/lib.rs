@@ -213,17 +213,34 @@ async fn run_one(
     };
     let outcome = deliverer.deliver(chain, &message, &domain, &rcpts).await;
 
-    // What the chain decided for the first MX: judges invariant I1.
-    let first_mx = scenario
-        .mx
-        .iter()
-        .min_by_key(|m| m.preference)
-        .map(|m| scenario.mx_host(m))
-        .unwrap_or_default();
-    let plan = chain.plan(&Context::new(&domain, &first_mx));
-    let (forced, decision) = match &plan.verdict {
-        Verdict::Require(r) => (r.level.is_forced(), format!("{}:{r}", plan.decider)),
-        Verdict::Defer { code, .. } => (true, format!("{}:defer {code}", plan.decider)),
+    // The requirement the relay delivered under judges invariant I1. When nothing was
+    // delivered, ask the chain what it decides for the first MX. (Asking the chain a second
+    // time for a delivered message could disagree with what the relay did: a policy call can
+    // fault on a loaded machine, and then the runner would judge a plaintext delivery made
+    // under `may` as if it had been forced.)
+    let delivered = outcome.recipients.iter().find_map(|r| match &r.status {
+        Status::Delivered { decided_by, requirement, .. } => Some((decided_by, requirement)),
+        _ => None,
+    });
+    let (forced, decision) = match delivered {
+        Some((decided_by, requirement)) => {
+            let level = requirement.split_whitespace().next().unwrap_or_default();
+            let forced = matches!(level, "encrypt" | "verify" | "secure");
+            (forced, format!("{decided_by}:{requirement}"))
+        }
+        None => {
+            let first_mx = scenario
+                .mx
+                .iter()
+                .min_by_key(|m| m.preference)
+                .map(|m| scenario.mx_host(m))
+                .unwrap_or_default();
+            let plan = chain.plan(&Context::new(&domain, &first_mx));
+            match &plan.verdict {
+                Verdict::Require(r) => (r.level.is_forced(), format!("{}:{r}", plan.decider)),
+                Verdict::Defer { code, .. } => (true, format!("{}:defer {code}", plan.decider)),
+            }
+        }
     };
 
     let observed: Vec<(String, Observed)> = outcome

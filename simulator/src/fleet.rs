@@ -106,6 +106,9 @@ pub struct Fleet {
     transcripts: Transcripts,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Bound, never listening: the addresses of hosts that refuse connections (see
+    /// `bind_common_port`).
+    _refusing: Vec<tokio::net::TcpSocket>,
 }
 
 impl Fleet {
@@ -123,8 +126,11 @@ impl Fleet {
             run_blocking(move || build_plans(&ca, &scenarios, &layout, timing)).await??
         };
         let listen: Vec<Ipv4Addr> = plans.iter().map(|(ip, _)| *ip).collect();
+        let refuse: Vec<Ipv4Addr> =
+            layout.iter().map(|slot| slot.ip).filter(|ip| !listen.contains(ip)).collect();
         let fallback = layout.first().map_or(options.first_address, |slot| slot.ip);
-        let (port, listeners) = bind_common_port(&listen, options.port, fallback).await?;
+        let (port, listeners, refusing) =
+            bind_common_port(&listen, &refuse, options.port, fallback).await?;
 
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -164,7 +170,18 @@ impl Fleet {
             None => None,
         };
         tracing::info!(%dns, port, scenarios = scenarios.len(), "fleet started");
-        Ok(Self { dns, port, ca, ca_file, routes, scenarios, transcripts, shutdown, tracker })
+        Ok(Self {
+            dns,
+            port,
+            ca,
+            ca_file,
+            routes,
+            scenarios,
+            transcripts,
+            shutdown,
+            tracker,
+            _refusing: refusing,
+        })
     }
 
     /// The DNS server's address (UDP and TCP).
@@ -329,17 +346,26 @@ fn routes(scenarios: &[Scenario], layout: &[Slot], port: u16) -> Vec<Route> {
         .collect()
 }
 
-/// Binds `port` (or one free port, when 0) on every address in `ips`.
+/// Binds `port` (or one free port, when 0) on every address in `ips`, and reserves it on every
+/// address in `refuse` with a socket that is bound but never listens, so that connections
+/// there are refused.
+///
+/// Without the reservation, a host that "refuses TCP" was only an address nobody listened on,
+/// and another fleet in the same process (the conformance runner starts one per scenario, all
+/// on 127.0.0.2 upward) could pick the same port on that address: the relay then reached the
+/// other fleet's server and counted a delivery the scenario never saw (seen once as MX-09
+/// delivered via mx1).
 async fn bind_common_port(
     ips: &[Ipv4Addr],
+    refuse: &[Ipv4Addr],
     port: u16,
     fallback: Ipv4Addr,
-) -> Result<(u16, Vec<TcpListener>), Error> {
+) -> Result<(u16, Vec<TcpListener>, Vec<tokio::net::TcpSocket>), Error> {
     let Some((first, rest)) = ips.split_first() else {
         let addr = SocketAddr::new(IpAddr::V4(fallback), port);
         let probe = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let port = probe.local_addr().map_err(|source| Error::Bind { addr, source })?.port();
-        return Ok((port, Vec::new()));
+        return Ok((port, Vec::new(), Vec::new()));
     };
     'attempt: for _ in 0..PORT_ATTEMPTS {
         let addr = SocketAddr::new(IpAddr::V4(*first), port);
@@ -357,7 +383,22 @@ async fn bind_common_port(
                 Err(source) => return Err(Error::Bind { addr, source }),
             }
         }
-        return Ok((chosen, listeners));
+        let mut refusing = Vec::new();
+        for ip in refuse {
+            let addr = SocketAddr::new(IpAddr::V4(*ip), chosen);
+            let reserved = tokio::net::TcpSocket::new_v4().and_then(|socket| {
+                socket.bind(addr)?;
+                Ok(socket)
+            });
+            match reserved {
+                Ok(socket) => refusing.push(socket),
+                Err(error) if port == 0 && error.kind() == std::io::ErrorKind::AddrInUse => {
+                    continue 'attempt;
+                }
+                Err(source) => return Err(Error::Bind { addr, source }),
+            }
+        }
+        return Ok((chosen, listeners, refusing));
     }
     Err(Error::NoFreePort { attempts: PORT_ATTEMPTS })
 }

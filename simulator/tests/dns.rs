@@ -100,3 +100,20 @@ async fn whole_catalogue_serves_on_one_port_and_writes_the_ca() {
     fleet.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A host that refuses TCP holds its address and port: no other fleet in the process can
+/// listen there, so a connection to it is refused rather than answered by another scenario's
+/// server.
+#[tokio::test]
+async fn a_refusing_host_reserves_its_address() {
+    let fleet = support::fleet(&["MX-09"]).await;
+    let route = fleet.route("mx-09.sim.test").unwrap();
+    let refusing = route.mx.iter().find(|mx| !mx.listening).unwrap();
+    let taken = tokio::net::TcpListener::bind(refusing.addr()).await;
+    assert_eq!(taken.unwrap_err().kind(), std::io::ErrorKind::AddrInUse);
+    let refused = tokio::net::TcpStream::connect(refusing.addr()).await;
+    assert_eq!(refused.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+    // The good host still answers.
+    let good = route.mx.iter().find(|mx| mx.listening).unwrap();
+    assert!(tokio::net::TcpStream::connect(good.addr()).await.is_ok());
+}
