@@ -14,6 +14,9 @@ use postwarden_policy_sdk::Policy as _;
 use postwarden_policy_sdk::testing::{FakeHost, context};
 use postwarden_tests::{chains, wasm};
 
+mod common;
+use common::{fmt, per_call, quantile};
+
 fn samples() -> usize {
     std::env::var("PW_SAMPLES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
 }
@@ -41,11 +44,11 @@ fn decisions() {
     let ctx = Context::new("example.org", "mx.example.org");
     report(
         "opportunistic: wasm, fresh instance + plan",
-        per_call(|| black_box(opportunistic.plan(&ctx))),
+        per_call(samples(), || black_box(opportunistic.plan(&ctx))),
     );
     report(
         "opportunistic: wasm, fresh instance, no call",
-        per_call(|| black_box(opportunistic.instantiate_only())),
+        per_call(samples(), || black_box(opportunistic.instantiate_only())),
     );
 
     let host = FakeHost::default();
@@ -73,13 +76,16 @@ fn chain_with_100k_domains() {
     let policy = &chain.policies()[0];
     report(
         "forced-tls 100k: wasm, fresh instance + plan (listed)",
-        per_call(|| black_box(policy.plan(&hit))),
+        per_call(samples(), || black_box(policy.plan(&hit))),
     );
     report(
         "forced-tls 100k: wasm, fresh instance + plan (unlisted)",
-        per_call(|| black_box(policy.plan(&miss))),
+        per_call(samples(), || black_box(policy.plan(&miss))),
     );
-    report("forced-tls 100k: whole chain plan (listed)", per_call(|| black_box(chain.plan(&hit))));
+    report(
+        "forced-tls 100k: whole chain plan (listed)",
+        per_call(samples(), || black_box(chain.plan(&hit))),
+    );
 
     let settings = format!(
         "{{\"domains\": {{{}}}}}",
@@ -119,20 +125,6 @@ fn load_times() {
     }
 }
 
-/// Latency of each of `SAMPLES` calls, after a warm-up.
-fn per_call<R>(mut f: impl FnMut() -> R) -> Vec<Duration> {
-    for _ in 0..samples() / 10 {
-        f();
-    }
-    (0..samples())
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect()
-}
-
 /// For nanosecond-scale calls: the mean of batches of 1,000, one sample per batch.
 fn batched<R>(mut f: impl FnMut() -> R) -> Vec<Duration> {
     (0..2_000)
@@ -146,19 +138,10 @@ fn batched<R>(mut f: impl FnMut() -> R) -> Vec<Duration> {
         .collect()
 }
 
-fn report(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    let pick = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    println!("{name:<58} {:>10} {:>10}", fmt(pick(0.50)), fmt(pick(0.99)));
-}
-
-fn fmt(d: Duration) -> String {
-    let ns = d.as_nanos();
-    if ns < 10_000 {
-        format!("{ns} ns")
-    } else if ns < 10_000_000 {
-        format!("{:.1} µs", ns as f64 / 1e3)
-    } else {
-        format!("{:.1} ms", ns as f64 / 1e6)
-    }
+fn report(name: &str, samples: Vec<Duration>) {
+    println!(
+        "{name:<58} {:>10} {:>10}",
+        fmt(quantile(&samples, 0.50)),
+        fmt(quantile(&samples, 0.99))
+    );
 }

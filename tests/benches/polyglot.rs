@@ -17,6 +17,9 @@ use postwarden::policy::{
 };
 use postwarden_tests::polyglot::{self, Lang};
 
+mod common;
+use common::{fmt, per_call, quantile};
+
 const SETTINGS: &str =
     r#"{"verify": ["bank.example", ".bank.example"], "encrypt": ["partner.example"]}"#;
 
@@ -99,41 +102,10 @@ fn compile_times(lang: Lang, bytes: &[u8], runs: usize) -> (Duration, Duration, 
     (quantile(&cold, 0.5), quantile(&cached, 0.5), last.unwrap())
 }
 
-/// Latency of each of `samples` calls, after a warm-up of a tenth as many.
-fn per_call(samples: usize, mut f: impl FnMut()) -> Vec<Duration> {
-    for _ in 0..samples / 10 {
-        f();
-    }
-    (0..samples)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect()
-}
-
-fn quantile(samples: &[Duration], q: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
-}
-
 fn size(bytes: usize) -> String {
     if bytes < 1 << 20 {
         format!("{:.1} KiB", bytes as f64 / 1024.0)
     } else {
         format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-    }
-}
-
-fn fmt(d: Duration) -> String {
-    let ns = d.as_nanos();
-    if ns < 10_000 {
-        format!("{ns} ns")
-    } else if ns < 10_000_000 {
-        format!("{:.1} µs", ns as f64 / 1e3)
-    } else {
-        format!("{:.1} ms", ns as f64 / 1e6)
     }
 }
