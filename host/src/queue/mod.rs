@@ -3,10 +3,12 @@
 //! # Layout
 //! - [`store`]: the spool directory behind the [`store::QueueStore`] trait (fsync + rename).
 //! - [`dsn`]: RFC 3464 bounces and delay warnings.
+//! - [`schedule`]: the in-memory index of what is due when.
 //! - this module: [`Queue`]: accepting (durably), the scheduler loop, per-recipient outcomes,
 //!   exponential backoff, the maximal lifetime.
 
 pub mod dsn;
+pub mod schedule;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
 
+use self::schedule::Schedule;
 use self::store::{Envelope, QueueStore, Recipient, RecipientState, StoreError, now};
 use crate::delivery::{Deliverer, Message, Status};
 use crate::policy::ChainHandle;
@@ -77,7 +80,12 @@ pub struct Queue {
     /// Counters for `/metrics`.
     pub counters: Counters,
     destinations: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+    schedule: std::sync::Mutex<Schedule>,
 }
+
+/// How often the scheduler re-reads the whole spool (changes made by `postwarden queue` from
+/// another process are seen within this).
+const SCAN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Queue counters, exported as Prometheus metrics.
 #[derive(Debug, Default)]
@@ -125,6 +133,7 @@ impl Queue {
             recent: Default::default(),
             counters: Counters::default(),
             destinations: Default::default(),
+            schedule: Default::default(),
         })
     }
 
@@ -164,6 +173,7 @@ impl Queue {
         };
         self.store.insert(&envelope, &message.body)?;
         self.counters.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.schedule).set(&id, 0);
         self.wake.notify_one();
         Ok(id)
     }
@@ -174,6 +184,7 @@ impl Queue {
         for mut envelope in self.store.list()? {
             envelope.next_attempt = 0;
             self.store.update(&envelope)?;
+            lock(&self.schedule).set(&envelope.id, 0);
             n += 1;
         }
         self.wake.notify_one();
@@ -191,40 +202,36 @@ impl Queue {
         let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut in_flight = tokio::task::JoinSet::new();
         let busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let mut next_scan = tokio::time::Instant::now();
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let due = match self.store.list() {
-                Ok(list) => list,
-                Err(e) => {
-                    tracing::error!("queue scan failed: {e}");
-                    Vec::new()
-                }
-            };
+            if tokio::time::Instant::now() >= next_scan {
+                self.scan().await;
+                next_scan = tokio::time::Instant::now() + SCAN_INTERVAL;
+            }
             let t = now();
-            let mut next_wake = t + 60;
-            for envelope in due {
-                if envelope.next_attempt > t {
-                    next_wake = next_wake.min(envelope.next_attempt);
-                    continue;
-                }
-                if !lock(&busy).insert(envelope.id.clone()) {
+            loop {
+                let Some(id) = lock(&self.schedule).pop_due(t) else { break };
+                // A message being delivered is rescheduled by its own task when it finishes.
+                if !lock(&busy).insert(id.clone()) {
                     continue;
                 }
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
                 let (queue, deliverer, chains, busy) =
                     (self.clone(), deliverer.clone(), chains.clone(), busy.clone());
                 in_flight.spawn(async move {
-                    let id = envelope.id.clone();
-                    // The scan's copy may be stale: another task may have finished this message
-                    // (removed it, or rescheduled it) since. Only the stored envelope counts, or
-                    // a message could be delivered twice.
-                    match queue.store.envelope(&id) {
+                    // The index is a hint: another task may have finished this message (removed
+                    // it, or rescheduled it) since, or `postwarden queue` changed it. Only the
+                    // stored envelope counts, or a message could be delivered twice.
+                    let read = id.clone();
+                    match queue.blocking(move |store| store.envelope(&read)).await {
                         Ok(fresh) if fresh.next_attempt <= now() => {
                             queue.attempt(fresh, &deliverer, &chains).await;
                         }
-                        Ok(_) | Err(StoreError::NotFound(_)) => {}
+                        Ok(fresh) => lock(&queue.schedule).set(&id, fresh.next_attempt),
+                        Err(StoreError::NotFound(_)) => {}
                         Err(e) => tracing::error!(%id, "cannot read envelope: {e}"),
                     }
                     lock(&busy).remove(&id);
@@ -232,10 +239,13 @@ impl Queue {
                 });
             }
             while in_flight.try_join_next().is_some() {}
-            let sleep = Duration::from_secs(next_wake.saturating_sub(now()).clamp(1, 60));
+            let until_next = lock(&self.schedule)
+                .next()
+                .map_or(SCAN_INTERVAL, |at| Duration::from_secs(at.saturating_sub(now())));
+            let wake_at = (tokio::time::Instant::now() + until_next).min(next_scan);
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
                 _ = in_flight.join_next(), if !in_flight.is_empty() => {}
                 _ = shutdown.changed() => {}
             }
@@ -243,9 +253,35 @@ impl Queue {
         while in_flight.join_next().await.is_some() {}
     }
 
+    /// Reads the whole spool into the schedule. Entries are merged, never dropped, so that a
+    /// message accepted while the spool was being read keeps its place.
+    async fn scan(&self) {
+        match self.blocking(|store| store.list()).await {
+            Ok(list) => {
+                let mut schedule = lock(&self.schedule);
+                for envelope in list {
+                    schedule.set(&envelope.id, envelope.next_attempt);
+                }
+            }
+            Err(e) => tracing::error!("queue scan failed: {e}"),
+        }
+    }
+
+    /// Runs a store operation off the async workers: it may wait for fsync.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&dyn QueueStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || op(store.as_ref()))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
+    }
+
     /// One delivery attempt of one message, recipients grouped by domain.
     async fn attempt(&self, mut envelope: Envelope, deliverer: &Deliverer, chains: &ChainHandle) {
-        let body = match self.store.body(&envelope.id) {
+        let id = envelope.id.clone();
+        let body = match self.blocking(move |store| store.body(&id)).await {
             Ok(body) => body,
             Err(e) => {
                 tracing::error!(id = %envelope.id, "cannot read message: {e}");
@@ -357,11 +393,14 @@ impl Queue {
             self.notify(&envelope, &body, &delayed);
             envelope.warned = true;
         }
+        let id = envelope.id.clone();
         let result = if envelope.is_done() {
-            self.store.remove(&envelope.id)
+            self.blocking(move |store| store.remove(&id)).await
         } else {
             envelope.next_attempt = now() + self.backoff(envelope.attempts).as_secs();
-            self.store.update(&envelope)
+            lock(&self.schedule).set(&envelope.id, envelope.next_attempt);
+            let envelope = envelope.clone();
+            self.blocking(move |store| store.update(&envelope)).await
         };
         if let Err(e) = result {
             tracing::error!(id = %envelope.id, "cannot update the queue: {e}");

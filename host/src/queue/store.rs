@@ -111,6 +111,9 @@ pub enum StoreError {
     /// No such message.
     #[error("no message {0} in the queue")]
     NotFound(String),
+    /// The worker thread running a store operation failed.
+    #[error("queue store task failed: {0}")]
+    Task(String),
 }
 
 /// A durable message store.
