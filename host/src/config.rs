@@ -234,6 +234,10 @@ fn default_max_conns() -> usize {
     100
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_idle() -> u64 {
     300
 }
@@ -338,6 +342,11 @@ pub struct DeliveryConfig {
     /// Per-stage timeouts in seconds (RFC 5321 §4.5.3.2 defaults).
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// Keep a TLS connection open after a transaction for the next message to the same MX
+    /// under the same requirement, up to 2 s idle and 300 s in all (default `true`; Postfix's
+    /// connection cache). Plaintext connections are never reused.
+    #[serde(default = "default_true")]
+    pub connection_reuse: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -349,6 +358,7 @@ impl Default for DeliveryConfig {
             routes: Default::default(),
             mx_shuffle_seed: None,
             timeouts: TimeoutsConfig::default(),
+            connection_reuse: true,
         }
     }
 }

@@ -362,6 +362,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         })
     }
 
+    /// RSET: a parked connection's check before it carries another transaction.
+    pub async fn rset(&mut self) -> Result<(), SessionError> {
+        let reply = self.command(&Command::Rset, "RSET", self.timeouts.command).await?;
+        if reply.code() == 250 {
+            return Ok(());
+        }
+        Err(SessionError::Command {
+            stage: "RSET",
+            reason: format!("refused: {}", reply.to_string().trim_end()),
+        })
+    }
+
     /// QUIT, ignoring the answer: the transaction's outcome is already known.
     pub async fn quit(mut self) {
         let _ = self

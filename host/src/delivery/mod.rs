@@ -5,21 +5,25 @@
 //! - [`route`]: static routes, MX lookup (hickory), implicit and null MX, ordering.
 //! - [`tls`]: rustls client configuration per requirement and certificate verdicts.
 //! - [`client`]: the SMTP connection; STARTTLS as a change of type; the transaction.
+//! - [`reuse`]: TLS connections kept open for the next message under the same requirement.
 //! - this module: the attempt loop over MX hosts, carrying out the policy's failure actions,
 //!   and the outcome records.
 
 pub mod client;
+pub mod reuse;
 pub mod route;
 pub mod tls;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use self::client::{Client, Envelope, PlaintextPermit, RcptResult, StartTls, Timeouts, TlsInfo};
+use self::reuse::{ConnectionCache, Key, Parked, ReuseLimits};
 use self::route::{MxHost, Router};
 use self::tls::TlsContext;
 use crate::policy::chain::REQUIRETLS_CODE;
@@ -117,6 +121,7 @@ pub struct Deliverer {
     tls: TlsContext,
     timeouts: Timeouts,
     helo_name: String,
+    reuse: Arc<ConnectionCache>,
 }
 
 /// What one attempt at one address came to.
@@ -139,7 +144,24 @@ struct DeliveredVia {
 impl Deliverer {
     /// A deliverer introducing itself as `helo_name`.
     pub fn new(router: Router, tls: TlsContext, timeouts: Timeouts, helo_name: &str) -> Self {
-        Deliverer { router, tls, timeouts, helo_name: helo_name.to_owned() }
+        Deliverer {
+            router,
+            tls,
+            timeouts,
+            helo_name: helo_name.to_owned(),
+            reuse: ConnectionCache::new(ReuseLimits::default()),
+        }
+    }
+
+    /// Replaces the connection reuse limits (`idle` zero: never reuse).
+    pub fn with_reuse(mut self, limits: ReuseLimits) -> Self {
+        self.reuse = ConnectionCache::new(limits);
+        self
+    }
+
+    /// Connections parked for reuse now.
+    pub fn parked_connections(&self) -> usize {
+        self.reuse.len()
     }
 
     /// Delivers `message` to `rcpts`, all in `domain`, under `chain`.
@@ -312,6 +334,17 @@ impl Deliverer {
     async fn attempt(&self, a: &Attempt<'_>) -> HostResult {
         let (requirement, host, addr) = (a.requirement, a.host, a.addr);
         let next = |code: &str, reason: String| HostResult::Next { code: code.to_owned(), reason };
+        let key = Key {
+            domain: a.ctx.domain.clone(),
+            mx: host.name.to_ascii_lowercase(),
+            addr,
+            requirement: requirement.clone(),
+        };
+        if requirement.level != crate::policy::TlsLevel::None
+            && let Some(result) = self.reuse(a, &key).await
+        {
+            return result;
+        }
         let mut client = match self.open(addr, &host.name).await {
             Ok(client) => client,
             Err(reason) => return next("4.4.1", reason),
@@ -351,7 +384,7 @@ impl Deliverer {
                     let result = tls_client.transaction_tls(&a.envelope, a.message.body).await;
                     return match result {
                         Ok(results) => {
-                            tls_client.quit().await;
+                            self.reuse.park(key, Parked::new(*tls_client, info.clone()));
                             HostResult::Done(
                                 results,
                                 DeliveredVia {
@@ -376,6 +409,44 @@ impl Deliverer {
             }
         };
         self.after_failure(a, Some(client), failure).await
+    }
+
+    /// The transaction over a parked connection for `key`, if there is one that still answers
+    /// `RSET` with 250. `None`: open a new connection.
+    async fn reuse(&self, a: &Attempt<'_>, key: &Key) -> Option<HostResult> {
+        let mut parked = self.reuse.take(key)?;
+        if let Err(e) = parked.client.rset().await {
+            tracing::debug!(mx = %key.mx, addr = %key.addr, "parked connection unusable: {e}");
+            return None;
+        }
+        if a.message.requiretls && !parked.client.capabilities.requiretls {
+            // The same check as on a new connection, with the same answer.
+            self.reuse.park(key.clone(), parked);
+            return Some(HostResult::Final(Status::Bounced {
+                code: REQUIRETLS_CODE.to_owned(),
+                reason: format!("REQUIRETLS: {} does not advertise REQUIRETLS", a.host.name),
+            }));
+        }
+        let result = parked.client.transaction_tls(&a.envelope, a.message.body).await;
+        Some(match result {
+            Ok(results) => {
+                parked.uses += 1;
+                let info = parked.info.clone();
+                self.reuse.park(key.clone(), parked);
+                HostResult::Done(
+                    results,
+                    DeliveredVia {
+                        tls: Some(info),
+                        fallback: Fallback::No,
+                        requirement: a.requirement.clone(),
+                    },
+                )
+            }
+            Err(e) => HostResult::Next {
+                code: "4.4.2".into(),
+                reason: format!("{} [{}]: {e}", a.host.name, key.addr.ip()),
+            },
+        })
     }
 
     /// Carries out the policy's answer to a TLS failure.
@@ -535,11 +606,13 @@ impl Deliverer {
             delivery.mx_shuffle_seed,
         );
         let tls = config.tls.context()?;
-        Ok(Arc::new(Deliverer::new(
-            router,
-            tls,
-            delivery.timeouts.to_timeouts(),
-            &delivery.helo_name,
-        )))
+        let mut reuse = ReuseLimits::default();
+        if !delivery.connection_reuse {
+            reuse.idle = Duration::ZERO;
+        }
+        Ok(Arc::new(
+            Deliverer::new(router, tls, delivery.timeouts.to_timeouts(), &delivery.helo_name)
+                .with_reuse(reuse),
+        ))
     }
 }

@@ -32,8 +32,12 @@ pub struct TlsContext {
 }
 
 impl TlsContext {
-    /// Trust `roots`. Session tickets are cached (up to 4,096 servers) so that reconnections
-    /// resume instead of doing a full handshake.
+    /// Trust `roots`. Session tickets are stored (up to 4,096 servers), but rustls resumes a
+    /// session only under the very verifier that checked it, and every connection gets its own
+    /// (it records that connection's certificate verdict), so today every new connection does a
+    /// full handshake. That is the safe side: a ticket from a `may` connection can never skip
+    /// the certificate check of a `verify` one. Connection reuse ([`super::reuse`]) is what
+    /// saves handshakes.
     pub fn new(roots: RootCertStore) -> Self {
         TlsContext {
             roots: Arc::new(roots),
