@@ -55,10 +55,7 @@ impl Spool for QueueSpool {
                 // RFC 8689 §5: with REQUIRETLS the header is ignored.
                 tls_required_no: submission.tls_required_no && !submission.requiretls,
             };
-            tokio::task::spawn_blocking(move || queue.accept(message))
-                .await
-                .map_err(|e| format!("queue task failed: {e}"))?
-                .map_err(|e| e.to_string())
+            queue.accept_durably(message).await.map_err(|e| e.to_string())
         })
     }
 }

@@ -2,7 +2,8 @@
 //! `opportunistic` policy, fsync'd spool) between an SMTP injector and a TLS sink.
 //!
 //! Run: `cargo bench -p postwarden-tests --bench relay_throughput`. Knobs: `PW_MESSAGES` (per
-//! round, default 2000), `PW_ROUNDS` (3), `PW_CLIENTS` (injector connections, 10).
+//! round, default 2000), `PW_ROUNDS` (3), `PW_CLIENTS` (injector connections, 10), `PW_RELAY`
+//! (a relay binary to use instead of building this checkout's).
 //!
 //! What it measures, per round: messages per second from the first MAIL to the last message
 //! received by the sink; the relay process's CPU time per message (user + system, from
@@ -38,7 +39,8 @@ fn main() {
     let messages = knob("PW_MESSAGES", 2000);
     let rounds = knob("PW_ROUNDS", 3);
     let clients = knob("PW_CLIENTS", 10);
-    let relay_bin = release_relay();
+    // `PW_RELAY`: another relay binary (to compare builds on the same machine and disk).
+    let relay_bin = std::env::var_os("PW_RELAY").map_or_else(release_relay, PathBuf::from);
     let policy = wasm::policy("opportunistic");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {

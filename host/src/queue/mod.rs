@@ -4,9 +4,11 @@
 //! - [`store`]: the spool directory behind the [`store::QueueStore`] trait (fsync + rename).
 //! - [`dsn`]: RFC 3464 bounces and delay warnings.
 //! - [`schedule`]: the in-memory index of what is due when.
+//! - [`commit`]: group commit of accepted messages.
 //! - this module: [`Queue`]: accepting (durably), the scheduler loop, per-recipient outcomes,
 //!   exponential backoff, the maximal lifetime.
 
+pub mod commit;
 pub mod dsn;
 pub mod schedule;
 pub mod store;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
 
+use self::commit::Committer;
 use self::schedule::Schedule;
 use self::store::{Envelope, QueueStore, Recipient, RecipientState, StoreError, now};
 use crate::delivery::{Deliverer, Message, Status};
@@ -81,6 +84,8 @@ pub struct Queue {
     pub counters: Counters,
     destinations: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
     schedule: std::sync::Mutex<Schedule>,
+    /// `None` only if its thread could not be started; accepts then write one by one.
+    committer: Option<Committer>,
 }
 
 /// How often the scheduler re-reads the whole spool (changes made by `postwarden queue` from
@@ -126,6 +131,9 @@ const RECENT: usize = 10_000;
 impl Queue {
     /// A queue over `store`.
     pub fn new(store: Arc<dyn QueueStore>, options: QueueOptions) -> Arc<Self> {
+        let committer = Committer::start(store.clone())
+            .map_err(|e| tracing::error!("no group commit (cannot start its thread): {e}"))
+            .ok();
         Arc::new(Queue {
             store,
             options,
@@ -134,6 +142,7 @@ impl Queue {
             counters: Counters::default(),
             destinations: Default::default(),
             schedule: Default::default(),
+            committer,
         })
     }
 
@@ -150,6 +159,33 @@ impl Queue {
     /// Stores a message durably and wakes the scheduler. Returns the queue id only once the
     /// message is on disk (fsync'd): the caller may then say 250.
     pub fn accept(&self, message: NewMessage) -> Result<String, StoreError> {
+        let (envelope, body) = Self::envelope(message);
+        self.store.insert(&envelope, &body)?;
+        Ok(self.accepted(envelope.id))
+    }
+
+    /// [`Queue::accept`] through the group committer: the disk work is shared with the other
+    /// messages being accepted at the same time, on the committer's thread.
+    pub async fn accept_durably(&self, message: NewMessage) -> Result<String, StoreError> {
+        let (envelope, body) = Self::envelope(message);
+        let id = envelope.id.clone();
+        match &self.committer {
+            Some(committer) => committer.insert(envelope, body).await?,
+            None => self.blocking(move |store| store.insert(&envelope, &body)).await?,
+        }
+        Ok(self.accepted(id))
+    }
+
+    /// Counts, schedules and announces a message now on disk.
+    fn accepted(&self, id: String) -> String {
+        self.counters.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.schedule).set(&id, 0);
+        self.wake.notify_one();
+        id
+    }
+
+    /// A new message's envelope: every recipient pending, due now.
+    fn envelope(message: NewMessage) -> (Envelope, Vec<u8>) {
         let id = store::SpoolDir::new_id();
         let envelope = Envelope {
             id: id.clone(),
@@ -171,11 +207,7 @@ impl Queue {
             tls_required_no: message.tls_required_no,
             warned: false,
         };
-        self.store.insert(&envelope, &message.body)?;
-        self.counters.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock(&self.schedule).set(&id, 0);
-        self.wake.notify_one();
-        Ok(id)
+        (envelope, message.body)
     }
 
     /// Makes every message due now (`postwarden queue retry` and tests).

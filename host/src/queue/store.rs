@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tempfile::NamedTempFile;
 
 /// A queued message's envelope and delivery state.
 #[derive(Clone, Debug, Deserialize, Eq, PartialEq, Serialize)]
@@ -120,6 +121,11 @@ pub enum StoreError {
 pub trait QueueStore: Send + Sync {
     /// Stores a new message; returns only once it is durable.
     fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError>;
+    /// Stores several new messages, one result each, in order; returns only once those that
+    /// succeeded are durable. A store may share its syncs between them (group commit).
+    fn insert_batch(&self, items: &[(&Envelope, &[u8])]) -> Vec<Result<(), StoreError>> {
+        items.iter().map(|(envelope, body)| self.insert(envelope, body)).collect()
+    }
     /// Rewrites a message's envelope atomically.
     fn update(&self, envelope: &Envelope) -> Result<(), StoreError>;
     /// Reads a message's body.
@@ -131,6 +137,9 @@ pub trait QueueStore: Send + Sync {
     /// Removes a message.
     fn remove(&self, id: &str) -> Result<(), StoreError>;
 }
+
+/// Most threads writing one batch's files at once.
+const STAGING_THREADS: usize = 16;
 
 /// The spool directory implementation.
 #[derive(Debug)]
@@ -161,10 +170,6 @@ impl SpoolDir {
     }
 
     fn recover(&self) -> Result<(), StoreError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
         let tmp = self.root.join("tmp");
         for entry in fs::read_dir(&tmp).map_err(io(&tmp))? {
             let path = entry.map_err(io(&tmp))?.path();
@@ -192,32 +197,125 @@ impl SpoolDir {
 
     /// Writes `bytes` to `target` durably: tmp file, fsync, rename, fsync of the directory.
     fn write_durably(&self, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
+        let tmp = self.stage(bytes)?;
+        persist(tmp, target)?;
+        self.sync_dir(target.parent().unwrap_or(&self.root))
+    }
+
+    /// Writes `bytes` to a new file in `tmp/` and fsyncs it.
+    fn stage(&self, bytes: &[u8]) -> Result<NamedTempFile, StoreError> {
         let tmp_dir = self.root.join("tmp");
-        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io(&tmp_dir))?;
+        let mut tmp = NamedTempFile::new_in(&tmp_dir).map_err(io(&tmp_dir))?;
         tmp.write_all(bytes).map_err(io(tmp.path()))?;
         tmp.as_file().sync_all().map_err(io(tmp.path()))?;
-        tmp.persist(target)
-            .map_err(|e| StoreError::Io { path: target.to_owned(), source: e.error })?;
-        let dir = target.parent().unwrap_or(&self.root);
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-        Ok(())
+        Ok(tmp)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    }
+}
+
+fn persist(tmp: NamedTempFile, target: &Path) -> Result<(), StoreError> {
+    tmp.persist(target)
+        .map(drop)
+        .map_err(|e| StoreError::Io { path: target.to_owned(), source: e.error })
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
+    let path = path.to_owned();
+    move |source| StoreError::Io { path, source }
+}
+
+fn envelope_json(envelope: &Envelope) -> Vec<u8> {
+    // Serialising plain data cannot fail.
+    serde_json::to_vec_pretty(envelope).unwrap_or_default()
+}
+
+/// A failure that befell a whole batch, for each of its messages.
+fn shared(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Io { path, source } => StoreError::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        other => StoreError::Task(other.to_string()),
     }
 }
 
 impl QueueStore for SpoolDir {
     fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError> {
-        self.write_durably(&self.msg_path(&envelope.id), body)?;
-        self.update(envelope)
+        self.insert_batch(&[(envelope, body)]).pop().unwrap_or(Ok(()))
+    }
+
+    /// Every file of the batch is written and fsync'd in `tmp/`; then the bodies are renamed
+    /// into `msg/` and that directory is fsync'd once; then the envelopes into `env/`, and
+    /// `env/` once. A message exists when its envelope is in `env/`, so a crash anywhere
+    /// leaves each message either whole or absent (bodies without envelope are removed at
+    /// start), as with single inserts, at 2n + 2 fsyncs instead of 4n.
+    fn insert_batch(&self, items: &[(&Envelope, &[u8])]) -> Vec<Result<(), StoreError>> {
+        let stage_one = |(envelope, body): &(&Envelope, &[u8])| {
+            Ok((self.stage(body)?, self.stage(&envelope_json(envelope))?))
+        };
+        // The file fsyncs overlap (one thread per file, up to STAGING_THREADS): a device
+        // flushes concurrent writes together, and a batch waits for its slowest file only.
+        let staged: Vec<Result<(NamedTempFile, NamedTempFile), StoreError>> = if items.len() < 2 {
+            items.iter().map(stage_one).collect()
+        } else {
+            let per_thread = items.len().div_ceil(STAGING_THREADS);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = items
+                    .chunks(per_thread)
+                    .map(|chunk| {
+                        (
+                            chunk.len(),
+                            scope.spawn(move || chunk.iter().map(stage_one).collect::<Vec<_>>()),
+                        )
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|(n, handle)| {
+                        handle.join().unwrap_or_else(|_| {
+                            (0..n)
+                                .map(|_| Err(StoreError::Task("staging panicked".into())))
+                                .collect()
+                        })
+                    })
+                    .collect()
+            })
+        };
+        let mut results: Vec<Result<NamedTempFile, StoreError>> = items
+            .iter()
+            .zip(staged)
+            .map(|((envelope, _), staged)| {
+                let (body, env) = staged?;
+                persist(body, &self.msg_path(&envelope.id))?;
+                Ok(env)
+            })
+            .collect();
+        let msg_dir = self.root.join("msg");
+        if results.iter().any(Result::is_ok)
+            && let Err(e) = self.sync_dir(&msg_dir)
+        {
+            results = results.into_iter().map(|r| r.and(Err(shared(&e)))).collect();
+        }
+        let mut done: Vec<Result<(), StoreError>> = items
+            .iter()
+            .zip(results)
+            .map(|((envelope, _), env)| persist(env?, &self.env_path(&envelope.id)))
+            .collect();
+        let env_dir = self.root.join("env");
+        if done.iter().any(Result::is_ok)
+            && let Err(e) = self.sync_dir(&env_dir)
+        {
+            done = done.into_iter().map(|r| r.and(Err(shared(&e)))).collect();
+        }
+        done
     }
 
     fn update(&self, envelope: &Envelope) -> Result<(), StoreError> {
-        // Serialising plain data cannot fail.
-        let json = serde_json::to_vec_pretty(envelope).unwrap_or_default();
-        self.write_durably(&self.env_path(&envelope.id), &json)
+        self.write_durably(&self.env_path(&envelope.id), &envelope_json(envelope))
     }
 
     fn body(&self, id: &str) -> Result<Vec<u8>, StoreError> {
@@ -322,6 +420,32 @@ mod tests {
         spool.remove(&id).unwrap();
         assert!(matches!(spool.envelope(&id), Err(StoreError::NotFound(_))));
         assert!(spool.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_batch_stores_every_message_and_a_bad_one_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SpoolDir::open(dir.path()).unwrap();
+        let mut envs: Vec<Envelope> = (0..40).map(|_| envelope(&SpoolDir::new_id())).collect();
+        // An id that cannot be a file name: its rename fails, the others must not.
+        envs[7].id = "no/such/dir".to_owned();
+        let bodies: Vec<Vec<u8>> =
+            (0..40).map(|n| format!("Subject: {n}\r\n\r\nbody\r\n").into_bytes()).collect();
+        let items: Vec<(&Envelope, &[u8])> =
+            envs.iter().zip(&bodies).map(|(e, b)| (e, b.as_slice())).collect();
+        let results = spool.insert_batch(&items);
+        assert_eq!(results.len(), 40);
+        assert!(matches!(results[7], Err(StoreError::Io { .. })), "{:?}", results[7]);
+        assert!(results.iter().enumerate().all(|(n, r)| n == 7 || r.is_ok()));
+        drop(spool);
+
+        let spool = SpoolDir::open(dir.path()).unwrap();
+        assert_eq!(spool.list().unwrap().len(), 39);
+        for (n, e) in envs.iter().enumerate().filter(|(n, _)| *n != 7) {
+            assert_eq!(spool.body(&e.id).unwrap(), bodies[n]);
+            assert_eq!(&spool.envelope(&e.id).unwrap(), e);
+        }
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[test]
