@@ -403,7 +403,7 @@ impl Queue {
             }
         }
         if !bounced.is_empty() {
-            self.notify(&envelope, &body, &bounced);
+            self.notify(&envelope, &body, &bounced).await;
         }
         if let (Some(after), false, false) =
             (self.options.delay_warning, envelope.warned, envelope.is_done())
@@ -422,7 +422,7 @@ impl Queue {
                     }
                 })
                 .collect();
-            self.notify(&envelope, &body, &delayed);
+            self.notify(&envelope, &body, &delayed).await;
             envelope.warned = true;
         }
         let id = envelope.id.clone();
@@ -462,7 +462,7 @@ impl Queue {
     }
 
     /// Queues a DSN to the sender, unless the message is itself a DSN (null sender).
-    fn notify(&self, envelope: &Envelope, body: &[u8], recipients: &[dsn::DsnRecipient]) {
+    async fn notify(&self, envelope: &Envelope, body: &[u8], recipients: &[dsn::DsnRecipient]) {
         if envelope.mail_from.is_empty() {
             tracing::info!(id = %envelope.id, "not bouncing a bounce");
             return;
@@ -485,7 +485,7 @@ impl Queue {
             requiretls: false,
             tls_required_no: false,
         };
-        if let Err(e) = self.accept(message) {
+        if let Err(e) = self.accept_durably(message).await {
             tracing::error!(id = %envelope.id, "cannot queue the DSN: {e}");
         }
     }
