@@ -90,13 +90,12 @@ pub async fn probe(config: &Config, chain: &Chain, domain: &str) -> anyhow::Resu
                     if client.capabilities.starttls { "offered" } else { "NOT offered" }
                 )?;
             }
-            let (tls_config, verdict) =
+            let (tls_config, judge) =
                 tls.client_config(&requirement, domain, &host.name).map_err(anyhow::Error::msg)?;
             let server_name = rustls_pki_types::ServerName::try_from(host.name.clone())
                 .unwrap_or_else(|_| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
             let check =
-                match client.starttls(tls_config, server_name, &verdict, &delivery.helo_name).await
-                {
+                match client.starttls(tls_config, server_name, &judge, &delivery.helo_name).await {
                     StartTls::Upgraded(tls_client, info) => {
                         tls_client.quit().await;
                         Check::Up(info)

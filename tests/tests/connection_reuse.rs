@@ -1,6 +1,7 @@
-//! Connection reuse end to end: a TLS connection carries the next message to the same MX under
-//! the same requirement, never one decided differently, and a connection the server has
-//! dropped or that waited too long is replaced, not trusted.
+//! Connection reuse and TLS session resumption end to end: a TLS connection carries the next
+//! message to the same MX under the same requirement, never one decided differently, and a
+//! connection the server has dropped or that waited too long is replaced, not trusted; a new
+//! connection resumes the TLS session of an earlier one only under the same requirement.
 
 #![allow(clippy::unwrap_used)]
 
@@ -157,4 +158,46 @@ async fn an_idle_connection_is_closed_with_quit_and_reuse_can_be_turned_off() {
 
 fn deliverer_without_reuse(fleet: &Fleet) -> Deliverer {
     deliverer(fleet, ReuseLimits { idle: Duration::ZERO, ..ReuseLimits::default() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_under_the_same_requirement_only() {
+    let fleet = Fleet::start(FleetOptions {
+        scenarios: Some(vec!["CAP-01".to_owned(), "CERT-02".to_owned()]),
+        timing: Timing::fast(),
+        ca: Some(sim::ca().unwrap()),
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let deliverer = deliverer_without_reuse(&fleet);
+    let (opportunistic, _e1, _d1) = chains::load(OPPORTUNISTIC).unwrap();
+    let verify = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n[policy.settings.domains]\n\".sim.test\" = \"verify\"\n";
+    let (verify, _e2, _d2) = chains::load(verify).unwrap();
+    let tls = |out: &DomainOutcome| match &out.recipients[0].status {
+        Status::Delivered { tls: Some(info), .. } => Some((info.resumed, info.verified)),
+        _ => None,
+    };
+
+    // A valid certificate: the second connection resumes, and still reports "verified".
+    let first = sim::send(&deliverer, &opportunistic, DOMAIN, false, false).await;
+    let second = sim::send(&deliverer, &opportunistic, DOMAIN, false, false).await;
+    assert_eq!(tls(&first), Some((false, true)), "{first:?}");
+    assert_eq!(tls(&second), Some((true, true)), "{second:?}");
+    // `verify` is another requirement: a full handshake, checked by its own rules.
+    let checked = sim::send(&deliverer, &verify, DOMAIN, false, false).await;
+    assert_eq!(tls(&checked), Some((false, true)), "{checked:?}");
+
+    // A self-signed certificate accepted under `may` must not let a `verify` delivery skip the
+    // check by resuming that session.
+    let self_signed = "cert-02.sim.test";
+    let may = sim::send(&deliverer, &opportunistic, self_signed, false, false).await;
+    assert_eq!(tls(&may), Some((false, false)), "{may:?}");
+    let forced = sim::send(&deliverer, &verify, self_signed, false, false).await;
+    assert!(
+        matches!(&forced.recipients[0].status, Status::Deferred { code, .. } if code == "4.7.5"),
+        "{forced:?}"
+    );
+    let again = sim::send(&deliverer, &opportunistic, self_signed, false, false).await;
+    assert_eq!(tls(&again), Some((true, false)), "resumed, and still not verified: {again:?}");
 }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::tls::{CertVerdict, classify_handshake_error};
+use super::tls::{CertJudge, CertVerdict, classify_handshake_error};
 use crate::policy::{Failure, Requirement, TlsLevel, TlsVersion};
 use crate::smtp::{Capabilities, Command, DotStuffer, Reply, ReplyBuffer, ReplyError, Severity};
 
@@ -169,6 +169,9 @@ pub struct TlsInfo {
     pub names: Vec<String>,
     /// How many certificates the server sent.
     pub chain_len: usize,
+    /// The session was resumed (no certificate sent this time: the chain and verdict are
+    /// those of the session, judged again now by the same requirement's rules).
+    pub resumed: bool,
 }
 
 /// Proof that plaintext delivery is allowed: only a requirement of `none` or `may`, for a
@@ -238,7 +241,7 @@ impl Client<TcpStream> {
         mut self,
         config: Arc<rustls::ClientConfig>,
         server_name: rustls_pki_types::ServerName<'static>,
-        verdict: &std::sync::Mutex<Option<CertVerdict>>,
+        judge: &CertJudge,
         helo_name: &str,
     ) -> StartTls {
         let reply = match self.command(&Command::StartTls, "STARTTLS", self.timeouts.command).await
@@ -261,10 +264,7 @@ impl Client<TcpStream> {
         let handshake = connector.connect(server_name, self.stream);
         let tls = match tokio::time::timeout(self.timeouts.tls_handshake, handshake).await {
             Err(_) => return StartTls::Failed(Failure::Timeout("TLS handshake".to_owned())),
-            Ok(Err(e)) => {
-                let verdict = verdict.lock().ok().and_then(|v| v.clone());
-                return StartTls::Failed(classify_handshake_error(&e, verdict));
-            }
+            Ok(Err(e)) => return StartTls::Failed(classify_handshake_error(&e)),
             Ok(Ok(tls)) => tls,
         };
         let (_, conn) = tls.get_ref();
@@ -274,13 +274,12 @@ impl Client<TcpStream> {
         };
         let cipher =
             conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
-        let recorded = verdict.lock().ok().and_then(|v| v.clone());
-        let verified = matches!(recorded, Some(CertVerdict::Verified));
-        let verify_failure = match recorded {
-            Some(CertVerdict::NotVerified(failure)) => Some(failure),
-            _ => None,
-        };
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let certs = conn.peer_certificates().unwrap_or_default();
+        let (verified, verify_failure) = match judge.judge(certs) {
+            CertVerdict::Verified => (true, None),
+            CertVerdict::NotVerified(failure) => (false, Some(failure)),
+        };
         let names = certs
             .first()
             .and_then(|leaf| webpki::EndEntityCert::try_from(leaf).ok())
@@ -297,7 +296,7 @@ impl Client<TcpStream> {
         match client.ehlo(helo_name).await {
             Ok(()) => StartTls::Upgraded(
                 Box::new(client),
-                TlsInfo { version, cipher, verified, verify_failure, names, chain_len },
+                TlsInfo { version, cipher, verified, verify_failure, names, chain_len, resumed },
             ),
             Err(e) => StartTls::Failed(e.as_tls_failure()),
         }

@@ -358,7 +358,7 @@ impl Deliverer {
             // sent even when not advertised: a stripped capability must not cost us TLS.
             Failure::StarttlsNotOffered
         } else {
-            let (config, verdict) =
+            let (config, judge) =
                 match self.tls.client_config(requirement, &a.ctx.domain, &host.name) {
                     Ok(pair) => pair,
                     Err(reason) => {
@@ -369,7 +369,7 @@ impl Deliverer {
                     }
                 };
             let server_name = server_name(&host.name, addr);
-            match client.starttls(config, server_name, &verdict, &self.helo_name).await {
+            match client.starttls(config, server_name, &judge, &self.helo_name).await {
                 StartTls::Upgraded(mut tls_client, info) => {
                     if a.message.requiretls && !tls_client.capabilities.requiretls {
                         tls_client.quit().await;

@@ -10,8 +10,15 @@
 //!
 //! Handshake signatures are always checked, whatever the level. Revocation is not checked
 //! (as in most MTAs; documented). SNI is the MX host name.
+//!
+//! TLS sessions resume. rustls resumes a session only under the verifier instance that checked
+//! it, so there is one verifier (and one client configuration) per requirement and set of
+//! acceptable names: a session checked under `may` can never stand in for a `verify` check.
+//! The verdict a delivery records is computed from the peer's chain after the handshake, so a
+//! resumed session reports the same verdict as a full one.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -29,20 +36,24 @@ pub struct TlsContext {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     sessions: Arc<dyn rustls::client::ClientSessionStore>,
+    configs: Arc<Mutex<Configs>>,
 }
 
+/// Client configurations by requirement and the names a certificate may match under it.
+type Configs = HashMap<(Requirement, Vec<String>), (Arc<ClientConfig>, CertJudge)>;
+
+/// Most (requirement, names) configurations kept; past this the cache starts over.
+const MAX_CONFIGS: usize = 4096;
+
 impl TlsContext {
-    /// Trust `roots`. Session tickets are stored (up to 4,096 servers), but rustls resumes a
-    /// session only under the very verifier that checked it, and every connection gets its own
-    /// (it records that connection's certificate verdict), so today every new connection does a
-    /// full handshake. That is the safe side: a ticket from a `may` connection can never skip
-    /// the certificate check of a `verify` one. Connection reuse ([`super::reuse`]) is what
-    /// saves handshakes.
+    /// Trust `roots`. Session tickets are cached (up to 4,096 servers) so that a new
+    /// connection under the same requirement resumes instead of doing a full handshake.
     pub fn new(roots: RootCertStore) -> Self {
         TlsContext {
             roots: Arc::new(roots),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(4096)),
+            configs: Arc::default(),
         }
     }
 
@@ -58,13 +69,39 @@ impl TlsContext {
     }
 
     /// A client configuration enforcing `requirement` for a delivery to `mx_host` of `domain`,
-    /// and the slot where the certificate check's verdict is recorded.
+    /// and the judge that gives the verdict on the chain the server presented. Both are shared
+    /// by every connection under the same requirement and names (which lets sessions resume).
     pub fn client_config(
         &self,
         requirement: &Requirement,
         domain: &str,
         mx_host: &str,
-    ) -> Result<(Arc<ClientConfig>, VerdictSlot), String> {
+    ) -> Result<(Arc<ClientConfig>, CertJudge), String> {
+        let names = match requirement.level {
+            TlsLevel::Verify | TlsLevel::Secure if !requirement.match_names.is_empty() => {
+                requirement.match_names.clone()
+            }
+            TlsLevel::Secure => vec![domain.to_owned(), format!(".{domain}")],
+            _ => vec![mx_host.to_owned()],
+        };
+        let key = (requirement.clone(), names);
+        let mut configs = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = configs.get(&key) {
+            return Ok(found.clone());
+        }
+        let built = self.build(requirement, key.1.clone())?;
+        if configs.len() >= MAX_CONFIGS {
+            configs.clear();
+        }
+        configs.insert(key, built.clone());
+        Ok(built)
+    }
+
+    fn build(
+        &self,
+        requirement: &Requirement,
+        names: Vec<String>,
+    ) -> Result<(Arc<ClientConfig>, CertJudge), String> {
         // With no trust anchors at all, rustls refuses to build a chain verifier; that must not
         // break `may` and `encrypt`, which never needed one: every chain is then "untrusted".
         let webpki = match self.roots.is_empty() {
@@ -78,20 +115,11 @@ impl TlsContext {
                 .map_err(|e| format!("trust roots: {e}"))?,
             ),
         };
-        let names = match requirement.level {
-            TlsLevel::Verify | TlsLevel::Secure if !requirement.match_names.is_empty() => {
-                requirement.match_names.clone()
-            }
-            TlsLevel::Secure => vec![domain.to_owned(), format!(".{domain}")],
-            _ => vec![mx_host.to_owned()],
-        };
-        let verdict = Arc::new(Mutex::new(None));
         let verifier = Arc::new(PolicyVerifier {
             webpki,
             provider: self.provider.clone(),
             names,
             enforce: requirement.level.is_verified(),
-            verdict: verdict.clone(),
         });
         let versions: &[&rustls::SupportedProtocolVersion] = match requirement.min_version {
             Some(TlsVersion::Tls13) => &[&rustls::version::TLS13],
@@ -101,15 +129,31 @@ impl TlsContext {
             .with_protocol_versions(versions)
             .map_err(|e| format!("TLS versions: {e}"))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
+            .with_custom_certificate_verifier(verifier.clone())
             .with_no_client_auth();
         config.resumption = rustls::client::Resumption::store(self.sessions.clone());
-        Ok((Arc::new(config), verdict))
+        Ok((Arc::new(config), CertJudge(verifier)))
     }
 }
 
-/// Where a connection's certificate verdict is recorded.
-pub type VerdictSlot = Arc<Mutex<Option<CertVerdict>>>;
+/// Judges a server's chain by the rules of one requirement (the verifier's own rules).
+#[derive(Clone, Debug)]
+pub struct CertJudge(Arc<PolicyVerifier>);
+
+impl CertJudge {
+    /// The verdict on `chain` (leaf first), now.
+    pub fn judge(&self, chain: &[CertificateDer<'_>]) -> CertVerdict {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return CertVerdict::NotVerified(Failure::CertificateUntrusted(
+                "no certificate".to_owned(),
+            ));
+        };
+        match self.0.check(leaf, intermediates, UnixTime::now()) {
+            Ok(()) => CertVerdict::Verified,
+            Err(e) => CertVerdict::NotVerified(classify_cert_error(&e)),
+        }
+    }
+}
 
 /// What the certificate check found.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -120,7 +164,8 @@ pub enum CertVerdict {
     NotVerified(Failure),
 }
 
-/// Checks the chain and names as the requirement demands; records the verdict either way.
+/// Checks the chain and names as the requirement demands; fails the handshake only when the
+/// requirement enforces them.
 #[derive(Debug)]
 struct PolicyVerifier {
     webpki: Option<Arc<WebPkiServerVerifier>>,
@@ -129,7 +174,6 @@ struct PolicyVerifier {
     names: Vec<String>,
     /// Fail the handshake when the certificate does not verify (`verify`, `secure`).
     enforce: bool,
-    verdict: VerdictSlot,
 }
 
 impl PolicyVerifier {
@@ -200,13 +244,7 @@ impl ServerCertVerifier for PolicyVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let result = self.check(end_entity, intermediates, now);
-        let verdict = match &result {
-            Ok(()) => CertVerdict::Verified,
-            Err(e) => CertVerdict::NotVerified(classify_cert_error(e)),
-        };
-        *self.verdict.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(verdict);
-        match result {
+        match self.check(end_entity, intermediates, now) {
             Err(e) if self.enforce => Err(e),
             _ => Ok(ServerCertVerified::assertion()),
         }
@@ -280,12 +318,7 @@ pub fn classify_cert_error(e: &rustls::Error) -> Failure {
 
 /// Maps a handshake error (as surfaced by tokio-rustls, an `io::Error` wrapping a
 /// `rustls::Error`) to the contract's failure class.
-pub fn classify_handshake_error(e: &std::io::Error, verdict: Option<CertVerdict>) -> Failure {
-    if let Some(CertVerdict::NotVerified(failure)) = verdict
-        && let Some(rustls::Error::InvalidCertificate(_)) = rustls_error(e)
-    {
-        return failure;
-    }
+pub fn classify_handshake_error(e: &std::io::Error) -> Failure {
     match rustls_error(e) {
         Some(err @ rustls::Error::InvalidCertificate(_)) => classify_cert_error(err),
         Some(
