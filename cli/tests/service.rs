@@ -192,6 +192,8 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
     wait_listening(format!("127.0.0.1:{admin_port}").parse().unwrap());
     let metrics = http_get(admin_port, "/metrics");
     assert!(metrics.contains("postwarden_recipients_deferred_total"), "{metrics}");
+    assert!(metrics.contains("postwarden_connections_opened_total"), "{metrics}");
+    assert!(metrics.contains("postwarden_tls_handshakes_total{kind=\"resumed\"}"), "{metrics}");
     let queued: usize = metrics
         .lines()
         .find_map(|l| l.strip_prefix("postwarden_queue_messages "))

@@ -25,6 +25,8 @@ pub struct AdminState {
     pub queue: Arc<Queue>,
     /// The policy chain.
     pub chains: Arc<ChainHandle>,
+    /// The deliverer (connection counters).
+    pub deliverer: Arc<crate::delivery::Deliverer>,
 }
 
 /// Serves until `shutdown` turns true.
@@ -119,6 +121,25 @@ pub fn metrics(state: &AdminState) -> String {
         "postwarden_recipients_bounced_total",
         "Recipients bounced.",
         &[("", c.bounced.load(Ordering::Relaxed))],
+    );
+    let s = &state.deliverer.stats;
+    counter(
+        "postwarden_connections_opened_total",
+        "Outbound SMTP connections opened.",
+        &[("", s.opened.load(Ordering::Relaxed))],
+    );
+    counter(
+        "postwarden_transactions_reused_total",
+        "Transactions carried by a kept-open TLS connection instead of a new one.",
+        &[("", s.reused.load(Ordering::Relaxed))],
+    );
+    counter(
+        "postwarden_tls_handshakes_total",
+        "Outbound TLS handshakes, full or resuming an earlier session.",
+        &[
+            ("{kind=\"full\"}", s.tls_full.load(Ordering::Relaxed)),
+            ("{kind=\"resumed\"}", s.tls_resumed.load(Ordering::Relaxed)),
+        ],
     );
     let chain = state.chains.current();
     let counters = chain.counters();

@@ -85,8 +85,11 @@ impl Relay {
             Some(addr) => {
                 let admin = TcpListener::bind(addr).await?;
                 let bound = admin.local_addr()?;
-                let state =
-                    crate::admin::AdminState { queue: queue.clone(), chains: chains.clone() };
+                let state = crate::admin::AdminState {
+                    queue: queue.clone(),
+                    chains: chains.clone(),
+                    deliverer: deliverer.clone(),
+                };
                 tokio::spawn(crate::admin::serve(admin, state, stopped.clone()));
                 Some(bound)
             }

@@ -90,6 +90,10 @@ async fn the_next_message_under_the_same_requirement_rides_the_same_tls_connecti
     let out = sim::send(&deliverer, &forced, DOMAIN, false, false).await;
     assert!(delivered_over_tls(&out), "{out:?}");
     assert_eq!(deliverer.parked_connections(), 2);
+    let stats = &deliverer.stats;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((count(&stats.opened), count(&stats.reused)), (2, 2));
+    assert_eq!(count(&stats.tls_full) + count(&stats.tls_resumed), 2);
 
     let transcript = fleet.transcript(DOMAIN);
     assert_eq!(transcript.connections.len(), 2, "one connection per requirement");
@@ -200,4 +204,6 @@ async fn sessions_resume_under_the_same_requirement_only() {
     );
     let again = sim::send(&deliverer, &opportunistic, self_signed, false, false).await;
     assert_eq!(tls(&again), Some((true, false)), "resumed, and still not verified: {again:?}");
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((count(&deliverer.stats.tls_full), count(&deliverer.stats.tls_resumed)), (3, 2));
 }

@@ -17,6 +17,7 @@ pub mod tls;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
@@ -115,6 +116,19 @@ pub struct DomainOutcome {
     pub tls_log: String,
 }
 
+/// Connection counters, exported as Prometheus metrics.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections opened (TCP connected and greeted).
+    pub opened: AtomicU64,
+    /// Transactions carried by a parked connection instead of a new one.
+    pub reused: AtomicU64,
+    /// TLS handshakes completed in full.
+    pub tls_full: AtomicU64,
+    /// TLS handshakes that resumed an earlier session.
+    pub tls_resumed: AtomicU64,
+}
+
 /// Delivers messages: routing, policy, SMTP and TLS.
 pub struct Deliverer {
     router: Router,
@@ -122,6 +136,8 @@ pub struct Deliverer {
     timeouts: Timeouts,
     helo_name: String,
     reuse: Arc<ConnectionCache>,
+    /// What the connections did.
+    pub stats: ConnectionStats,
 }
 
 /// What one attempt at one address came to.
@@ -150,6 +166,7 @@ impl Deliverer {
             timeouts,
             helo_name: helo_name.to_owned(),
             reuse: ConnectionCache::new(ReuseLimits::default()),
+            stats: ConnectionStats::default(),
         }
     }
 
@@ -371,6 +388,9 @@ impl Deliverer {
             let server_name = server_name(&host.name, addr);
             match client.starttls(config, server_name, &judge, &self.helo_name).await {
                 StartTls::Upgraded(mut tls_client, info) => {
+                    let handshakes =
+                        if info.resumed { &self.stats.tls_resumed } else { &self.stats.tls_full };
+                    handshakes.fetch_add(1, Ordering::Relaxed);
                     if a.message.requiretls && !tls_client.capabilities.requiretls {
                         tls_client.quit().await;
                         return HostResult::Final(Status::Bounced {
@@ -431,6 +451,7 @@ impl Deliverer {
         Some(match result {
             Ok(results) => {
                 parked.uses += 1;
+                self.stats.reused.fetch_add(1, Ordering::Relaxed);
                 let info = parked.info.clone();
                 self.reuse.park(key.clone(), parked);
                 HostResult::Done(
@@ -510,6 +531,7 @@ impl Deliverer {
             ));
         }
         client.ehlo(&self.helo_name).await.map_err(|e| format!("{mx} [{}]: {e}", addr.ip()))?;
+        self.stats.opened.fetch_add(1, Ordering::Relaxed);
         Ok(client)
     }
 }
