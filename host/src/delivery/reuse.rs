@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -88,13 +89,17 @@ impl Parked {
 pub struct ConnectionCache {
     limits: ReuseLimits,
     parked: Mutex<HashMap<Key, Vec<Parked>>>,
-    sweeper: Mutex<bool>,
+    sweeper_started: AtomicBool,
 }
 
 impl ConnectionCache {
     /// An empty cache with `limits`.
     pub fn new(limits: ReuseLimits) -> Arc<Self> {
-        Arc::new(ConnectionCache { limits, parked: Mutex::default(), sweeper: Mutex::new(false) })
+        Arc::new(ConnectionCache {
+            limits,
+            parked: Mutex::default(),
+            sweeper_started: AtomicBool::new(false),
+        })
     }
 
     /// The most recently parked live connection for `key`, if any.
@@ -158,11 +163,9 @@ impl ConnectionCache {
     /// Closes idle connections (QUIT) once they have waited their limit, so that a server is
     /// not left holding connections nobody will use.
     fn start_sweeper(self: &Arc<Self>) {
-        let mut started = self.sweeper.lock().unwrap_or_else(PoisonError::into_inner);
-        if *started {
+        if self.sweeper_started.swap(true, Ordering::Relaxed) {
             return;
         }
-        *started = true;
         let weak: Weak<Self> = Arc::downgrade(self);
         let period = (self.limits.idle / 2).max(Duration::from_millis(50));
         tokio::spawn(async move {

@@ -157,15 +157,8 @@ impl Queue {
     }
 
     /// Stores a message durably and wakes the scheduler. Returns the queue id only once the
-    /// message is on disk (fsync'd): the caller may then say 250.
-    pub fn accept(&self, message: NewMessage) -> Result<String, StoreError> {
-        let (envelope, body) = Self::envelope(message);
-        self.store.insert(&envelope, &body)?;
-        Ok(self.accepted(envelope.id))
-    }
-
-    /// [`Queue::accept`] through the group committer: the disk work is shared with the other
-    /// messages being accepted at the same time, on the committer's thread.
+    /// message is on disk (fsync'd): the caller may then say 250. The disk work goes through
+    /// the group committer, shared with the other messages being accepted at the same time.
     pub async fn accept_durably(&self, message: NewMessage) -> Result<String, StoreError> {
         let (envelope, body) = Self::envelope(message);
         let id = envelope.id.clone();
@@ -257,12 +250,21 @@ impl Queue {
                     // The index is a hint: another task may have finished this message (removed
                     // it, or rescheduled it) since, or `postwarden queue` changed it. Only the
                     // stored envelope counts, or a message could be delivered twice.
+                    // One trip to the blocking pool reads both envelope and body.
                     let read = id.clone();
-                    match queue.blocking(move |store| store.envelope(&read)).await {
-                        Ok(fresh) if fresh.next_attempt <= now() => {
-                            queue.attempt(fresh, &deliverer, &chains).await;
+                    let due = queue
+                        .blocking(move |store| {
+                            let fresh = store.envelope(&read)?;
+                            let body = (fresh.next_attempt <= now()).then(|| store.body(&read));
+                            Ok((fresh, body))
+                        })
+                        .await;
+                    match due {
+                        Ok((fresh, Some(Ok(body)))) => {
+                            queue.attempt(fresh, body, &deliverer, &chains).await;
                         }
-                        Ok(fresh) => lock(&queue.schedule).set(&id, fresh.next_attempt),
+                        Ok((_, Some(Err(e)))) => tracing::error!(%id, "cannot read message: {e}"),
+                        Ok((fresh, None)) => lock(&queue.schedule).set(&id, fresh.next_attempt),
                         Err(StoreError::NotFound(_)) => {}
                         Err(e) => tracing::error!(%id, "cannot read envelope: {e}"),
                     }
@@ -311,15 +313,13 @@ impl Queue {
     }
 
     /// One delivery attempt of one message, recipients grouped by domain.
-    async fn attempt(&self, mut envelope: Envelope, deliverer: &Deliverer, chains: &ChainHandle) {
-        let id = envelope.id.clone();
-        let body = match self.blocking(move |store| store.body(&id)).await {
-            Ok(body) => body,
-            Err(e) => {
-                tracing::error!(id = %envelope.id, "cannot read message: {e}");
-                return;
-            }
-        };
+    async fn attempt(
+        &self,
+        mut envelope: Envelope,
+        body: Vec<u8>,
+        deliverer: &Deliverer,
+        chains: &ChainHandle,
+    ) {
         envelope.attempts += 1;
         let age = now().saturating_sub(envelope.created);
         let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
