@@ -11,6 +11,15 @@
 //! (CVE-2011-0411 class, invariant I3): the connection is dropped, nothing buffered is ever
 //! read as a reply. After the handshake the client forgets the pre-TLS capabilities and sends
 //! EHLO again (invariant I4).
+//!
+//! Replies are counted exactly (invariant I9). One reply per command, and nothing else: before
+//! every command or pipelined group, and before the message body, the client takes whatever the
+//! server already sent; any byte there is a reply nobody asked for, and reading it as the
+//! answer to the next command would shift every later reply by one (a `250` to RCPT taken for
+//! the answer to DATA, so "delivered" with no body sent). Such a connection is out of step: the
+//! transaction fails with [`SessionError::Desync`] (the caller defers or tries the next host) and
+//! the connection is never reused. Only `354` to DATA leads to the body, and only the reply to
+//! the final dot can deliver.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -105,6 +114,24 @@ pub enum SessionError {
         /// The parse error.
         source: ReplyError,
     },
+    /// The server sent bytes beyond the replies asked for: the dialogue is out of step, and the
+    /// next reply read would answer the wrong command.
+    #[error("{bytes} unexpected bytes from the server before {stage} (replies out of step)")]
+    Desync {
+        /// What we were about to send.
+        stage: &'static str,
+        /// How many unasked-for bytes were waiting.
+        bytes: usize,
+    },
+    /// A well-formed reply that answers nothing we sent (a `250` or `334` to DATA, a `3xx` to the
+    /// final dot): the two sides no longer agree on the dialogue.
+    #[error("unexpected reply to {stage}: {reply}")]
+    Unexpected {
+        /// The command.
+        stage: &'static str,
+        /// The reply, as received.
+        reply: String,
+    },
     /// A command could not be encoded (an address with control characters, say).
     #[error("cannot send {stage}: {reason}")]
     Command {
@@ -134,6 +161,9 @@ pub struct Client<S> {
     replies: ReplyBuffer,
     peer: SocketAddr,
     timeouts: Timeouts,
+    /// Something went wrong on this connection (replies out of step, an unexpected reply, a
+    /// refused RSET): it may finish what it was doing, but never carries another transaction.
+    spoiled: bool,
     /// Capabilities from the last EHLO on this stream (empty after HELO).
     pub capabilities: Capabilities,
 }
@@ -229,6 +259,7 @@ impl Client<TcpStream> {
             replies: ReplyBuffer::new(),
             peer: addr,
             timeouts,
+            spoiled: false,
             capabilities: Capabilities::default(),
         };
         let greeting = client.read_reply("greeting", timeouts.greeting).await?;
@@ -291,6 +322,7 @@ impl Client<TcpStream> {
             replies: ReplyBuffer::new(),
             peer: self.peer,
             timeouts: self.timeouts,
+            spoiled: false,
             capabilities: Capabilities::default(),
         };
         match client.ehlo(helo_name).await {
@@ -367,6 +399,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if reply.code() == 250 {
             return Ok(());
         }
+        self.spoiled = true;
         Err(SessionError::Command {
             stage: "RSET",
             reason: format!("refused: {}", reply.to_string().trim_end()),
@@ -380,6 +413,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             .await;
     }
 
+    /// Whether the connection may carry another transaction: nothing went wrong on it and the
+    /// server has sent nothing since its last reply (checked now, without waiting).
+    pub async fn reusable(&mut self) -> bool {
+        !self.spoiled && self.expect_quiet("reuse").await.is_ok()
+    }
+
     /// Sends one command and reads its reply.
     async fn command(
         &mut self,
@@ -391,8 +430,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         command
             .encode(&mut out)
             .map_err(|e| SessionError::Command { stage, reason: e.to_string() })?;
+        self.expect_quiet(stage).await?;
         self.write(&out, stage, timeout).await?;
         self.read_reply(stage, timeout).await
+    }
+
+    /// Fails unless the server has sent nothing beyond the replies already read: neither bytes
+    /// left in the buffer after the last reply, nor bytes that have arrived since (taken without
+    /// waiting). Called before anything is sent, so an extra line cannot be read as the answer
+    /// to the next command. A connection that fails this is spoiled.
+    async fn expect_quiet(&mut self, stage: &'static str) -> Result<(), SessionError> {
+        if self.replies.pending() == 0 {
+            let mut chunk = [0u8; 512];
+            let stream = &mut self.stream;
+            // Poll the stream once: `Pending` means nothing has arrived, and the read is dropped.
+            let arrived = std::future::poll_fn(|cx| {
+                let mut buf = tokio::io::ReadBuf::new(&mut chunk);
+                match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+                    std::task::Poll::Ready(result) => {
+                        std::task::Poll::Ready(Some(result.map(|()| buf.filled().len())))
+                    }
+                    std::task::Poll::Pending => std::task::Poll::Ready(None),
+                }
+            })
+            .await;
+            match arrived {
+                None => {}
+                Some(Ok(0)) => {
+                    self.spoiled = true;
+                    return Err(SessionError::Closed { stage });
+                }
+                Some(Ok(n)) => {
+                    // A full buffer is as much a desync as the bytes themselves.
+                    let _ = self.replies.extend(&chunk[..n]);
+                    self.spoiled = true;
+                    return Err(SessionError::Desync { stage, bytes: n.max(1) });
+                }
+                Some(Err(source)) => {
+                    self.spoiled = true;
+                    return Err(SessionError::Io { stage, source });
+                }
+            }
+        }
+        match self.replies.pending() {
+            0 => Ok(()),
+            bytes => {
+                self.spoiled = true;
+                Err(SessionError::Desync { stage, bytes })
+            }
+        }
     }
 
     async fn write(
@@ -483,6 +569,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 encode(&Command::Rcpt { to: rcpt.clone() }, &mut out, "RCPT")?;
             }
             encode(&Command::Data, &mut out, "DATA")?;
+            self.expect_quiet("MAIL").await?;
             self.write(&out, "MAIL", timeout).await?;
             let mail_reply = self.read_reply("MAIL", timeout).await?;
             for (i, _) in envelope.rcpts.iter().enumerate() {
@@ -490,7 +577,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 record_rcpt(&mut results, &mut accepted, i, reply, &mail_reply);
             }
             let data = self.read_reply("DATA", self.timeouts.data_init).await?;
+            // Exactly one reply per command of the group (RFC 2920 §3.1): anything beyond them
+            // means every reply above may answer another command than the one we think.
+            self.expect_quiet("the message").await?;
             if mail_reply.severity() != Severity::PositiveCompletion {
+                // A server that answered DATA with 354 anyway now waits for a body that never
+                // comes: that connection carries nothing more.
+                self.spoiled |= data.code() == 354;
                 return Ok(fill(results, &mail_reply));
             }
             data
@@ -505,10 +598,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 record_rcpt(&mut results, &mut accepted, i, reply, &mail_reply);
             }
             if accepted.is_empty() {
-                let _ = self.command(&Command::Rset, "RSET", timeout).await;
+                self.reset_after_refusal(timeout).await;
                 return Ok(results.into_iter().flatten().collect());
             }
-            self.command(&Command::Data, "DATA", self.timeouts.data_init).await?
+            let data = self.command(&Command::Data, "DATA", self.timeouts.data_init).await?;
+            self.expect_quiet("the message").await?;
+            data
         };
         if accepted.is_empty() {
             if data_reply.code() == 354 {
@@ -517,11 +612,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.write(b".\r\n", "final dot", timeout).await?;
                 let _ = self.read_reply("final dot", self.timeouts.final_dot).await?;
             }
-            let _ = self.command(&Command::Rset, "RSET", timeout).await;
+            self.reset_after_refusal(timeout).await;
             return Ok(results.into_iter().flatten().collect());
         }
-        if data_reply.code() != 354 {
-            return Ok(fill_accepted(results, &accepted, &data_reply));
+        match data_reply.severity() {
+            _ if data_reply.code() == 354 => {}
+            Severity::TransientNegative | Severity::PermanentNegative => {
+                return Ok(fill_accepted(results, &accepted, &data_reply));
+            }
+            // Only 354 leads to the body. A 2xx or another 3xx answers no DATA: taking it for
+            // success would record a delivery of a message that was never sent.
+            Severity::PositiveCompletion | Severity::PositiveIntermediate => {
+                self.spoiled = true;
+                return Err(SessionError::Unexpected {
+                    stage: "DATA",
+                    reply: data_reply.to_string().trim_end().to_owned(),
+                });
+            }
         }
         let mut body = Vec::with_capacity(message.len() + message.len() / 64 + 8);
         let mut stuffer = DotStuffer::new();
@@ -529,7 +636,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         stuffer.finish(&mut body);
         self.write(&body, "message", self.timeouts.data_block.max(self.timeouts.command)).await?;
         let final_reply = self.read_reply("final dot", self.timeouts.final_dot).await?;
-        Ok(fill_accepted(results, &accepted, &final_reply))
+        if self.replies.pending() > 0 {
+            // The outcome stands (the server answered the dot), but the connection is out of
+            // step: it carries nothing more.
+            self.spoiled = true;
+        }
+        match final_reply.severity() {
+            Severity::PositiveCompletion => {
+                for &i in &accepted {
+                    results[i] = Some(RcptResult::Delivered(final_reply.clone()));
+                }
+                Ok(results.into_iter().map(|r| r.unwrap_or_else(|| refusal(&final_reply))).collect())
+            }
+            Severity::TransientNegative | Severity::PermanentNegative => {
+                Ok(fill_accepted(results, &accepted, &final_reply))
+            }
+            Severity::PositiveIntermediate => {
+                self.spoiled = true;
+                Err(SessionError::Unexpected {
+                    stage: "final dot",
+                    reply: final_reply.to_string().trim_end().to_owned(),
+                })
+            }
+        }
+    }
+
+    /// RSET after a transaction with no recipient left; a connection that does not take it
+    /// cleanly is not reused.
+    async fn reset_after_refusal(&mut self, timeout: Duration) {
+        let clean = matches!(
+            self.command(&Command::Rset, "RSET", timeout).await,
+            Ok(reply) if reply.code() == 250
+        );
+        self.spoiled |= !clean;
     }
 }
 
@@ -563,27 +702,248 @@ fn record_rcpt(
 
 /// Every recipient gets the outcome of `reply` (a refused MAIL).
 fn fill(results: Vec<Option<RcptResult>>, reply: &Reply) -> Vec<RcptResult> {
-    results.into_iter().map(|_| verdict(reply)).collect()
+    results.into_iter().map(|_| refusal(reply)).collect()
 }
 
-/// Accepted recipients get the outcome of `reply`; the others keep theirs.
+/// Accepted recipients get the refusal in `reply` (to DATA or the final dot); the others keep
+/// theirs.
 fn fill_accepted(
     mut results: Vec<Option<RcptResult>>,
     accepted: &[usize],
     reply: &Reply,
 ) -> Vec<RcptResult> {
     for &i in accepted {
-        results[i] = Some(verdict(reply));
+        results[i] = Some(refusal(reply));
     }
-    results.into_iter().map(|r| r.unwrap_or_else(|| verdict(reply))).collect()
+    results.into_iter().map(|r| r.unwrap_or_else(|| refusal(reply))).collect()
 }
 
-fn verdict(reply: &Reply) -> RcptResult {
+/// The outcome of a reply that did not deliver: 5xx bounces, anything else defers. Never
+/// `Delivered`: only the reply to the final dot delivers, and it is built there.
+fn refusal(reply: &Reply) -> RcptResult {
     match reply.severity() {
-        Severity::PositiveCompletion => RcptResult::Delivered(reply.clone()),
-        Severity::TransientNegative | Severity::PositiveIntermediate => {
-            RcptResult::Deferred(reply.clone())
-        }
         Severity::PermanentNegative => RcptResult::Bounced(reply.clone()),
+        Severity::PositiveCompletion
+        | Severity::TransientNegative
+        | Severity::PositiveIntermediate => RcptResult::Deferred(reply.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The transaction against a scripted server over an in-memory pipe: each command line the
+    //! server reads is answered with the next chunk of the script (zero, one or several
+    //! replies), and the server records what a delivery really needs (invariant I9).
+
+    #![allow(clippy::unwrap_used)]
+
+    use proptest::prelude::*;
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+    use super::*;
+
+    const MESSAGE: &[u8] = b"Subject: t\r\n\r\nhello\r\n.dot\r\n";
+
+    /// What the server saw: the replies it sent to a final dot that ended a body it had asked
+    /// for with `354` (the only replies that may deliver).
+    #[derive(Debug, Default)]
+    struct Truth {
+        dot_replies: Vec<String>,
+    }
+
+    /// Plays `script`, one chunk per command line (and one for the final dot), then closes.
+    async fn server(io: DuplexStream, mut script: Vec<Vec<String>>) -> Truth {
+        script.reverse();
+        let (read, mut write) = tokio::io::split(io);
+        let mut read = BufReader::new(read);
+        let mut truth = Truth::default();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if read.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                return truth;
+            }
+            let Some(chunk) = script.pop() else { return truth };
+            let data = line.eq_ignore_ascii_case(b"DATA\r\n");
+            let go_ahead = chunk.first().is_some_and(|r| r.starts_with("354"));
+            if write.write_all(chunk.concat().as_bytes()).await.is_err() {
+                return truth;
+            }
+            if !(data && go_ahead) {
+                continue;
+            }
+            // The body, up to the final dot, must be the whole message, dot-stuffed.
+            let mut body = Vec::new();
+            loop {
+                line.clear();
+                if read.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                    return truth;
+                }
+                if line == b".\r\n" {
+                    break;
+                }
+                body.extend_from_slice(&line);
+            }
+            let whole = body == b"Subject: t\r\n\r\nhello\r\n..dot\r\n";
+            let Some(chunk) = script.pop() else { return truth };
+            if whole && let Some(first) = chunk.first() {
+                truth.dot_replies.push(first.trim_end().to_owned());
+            }
+            if write.write_all(chunk.concat().as_bytes()).await.is_err() {
+                return truth;
+            }
+        }
+    }
+
+    /// Runs one transaction for `rcpts` against `script` (on a paused clock, so a script that
+    /// falls silent costs a timeout of virtual time).
+    fn run(
+        pipelining: bool,
+        rcpts: usize,
+        script: Vec<Vec<String>>,
+    ) -> (Result<Vec<RcptResult>, SessionError>, Truth, bool) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let server = tokio::spawn(server(theirs, script));
+            let mut client = Client {
+                stream: ours,
+                replies: ReplyBuffer::new(),
+                peer: "192.0.2.1:25".parse().unwrap(),
+                timeouts: Timeouts::all(Duration::from_secs(10)),
+                spoiled: false,
+                capabilities: Capabilities { pipelining, ..Capabilities::default() },
+            };
+            let rcpts: Vec<String> = (0..rcpts).map(|i| format!("r{i}@example.test")).collect();
+            let envelope = Envelope {
+                mail_from: "s@example.test",
+                rcpts: &rcpts,
+                size: MESSAGE.len() as u64,
+                eight_bit: false,
+                requiretls: false,
+            };
+            let result = client.transaction(&envelope, MESSAGE).await;
+            let reusable = client.reusable().await;
+            drop(client);
+            (result, server.await.unwrap(), reusable)
+        })
+    }
+
+    fn chunks(replies: &[&[&str]]) -> Vec<Vec<String>> {
+        replies.iter().map(|c| c.iter().map(|r| format!("{r}\r\n")).collect()).collect()
+    }
+
+    fn delivered(result: &Result<Vec<RcptResult>, SessionError>) -> Vec<String> {
+        match result {
+            Ok(results) => results
+                .iter()
+                .filter_map(|r| match r {
+                    RcptResult::Delivered(reply) => Some(reply.to_string().trim_end().to_owned()),
+                    _ => None,
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_2xx_or_3xx_to_data_is_a_protocol_error_not_a_delivery() {
+        for pipelining in [false, true] {
+            for reply in ["250 2.0.0 pretend", "334 what", "352 close to 354"] {
+                let script = chunks(&[&["250 ok"], &["250 ok"], &[reply], &["250 queued"]]);
+                let (result, truth, reusable) = run(pipelining, 1, script);
+                assert!(
+                    matches!(&result, Err(SessionError::Unexpected { stage: "DATA", .. })),
+                    "{reply} (pipelining {pipelining}): {result:?}"
+                );
+                assert!(truth.dot_replies.is_empty() && !reusable);
+            }
+        }
+    }
+
+    #[test]
+    fn a_refusal_of_data_fails_the_transaction_per_its_reply() {
+        let script = chunks(&[&["250 ok"], &["250 ok"], &["451 4.3.0 later"]]);
+        let (result, _, reusable) = run(true, 1, script);
+        assert!(matches!(&result.unwrap()[..], [RcptResult::Deferred(r)] if r.code() == 451));
+        assert!(reusable, "a clean refusal leaves the connection in step");
+        let script = chunks(&[&["250 ok"], &["250 ok"], &["554 5.7.1 no"]]);
+        let (result, _, _) = run(false, 1, script);
+        assert!(matches!(&result.unwrap()[..], [RcptResult::Bounced(r)] if r.code() == 554));
+    }
+
+    /// One extra line anywhere shifts every later reply: each position is caught before the
+    /// next command (lock-step) or after the group (pipelining), and nothing is delivered.
+    #[test]
+    fn one_unsolicited_line_anywhere_is_a_desync() {
+        let extra = "250 2.0.0 extra";
+        let cases: [(&str, Vec<Vec<String>>); 3] = [
+            ("after MAIL", chunks(&[&["250 ok", extra], &["250 ok"], &["354 go"], &["250 q"]])),
+            ("after RCPT", chunks(&[&["250 ok"], &["250 ok", extra], &["354 go"], &["250 q"]])),
+            ("after 354", chunks(&[&["250 ok"], &["250 ok"], &["354 go", extra], &["250 q"]])),
+        ];
+        for (place, script) in cases {
+            for pipelining in [false, true] {
+                let (result, truth, reusable) = run(pipelining, 1, script.clone());
+                assert!(delivered(&result).is_empty(), "{place}: {result:?}");
+                assert!(
+                    matches!(
+                        &result,
+                        Err(SessionError::Desync { .. } | SessionError::Unexpected { .. })
+                    ),
+                    "{place} (pipelining {pipelining}): {result:?}"
+                );
+                assert!(truth.dot_replies.is_empty() && !reusable, "{place}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_extra_line_after_the_final_reply_delivers_but_spoils_the_connection() {
+        let script = chunks(&[&["250 ok"], &["250 ok"], &["354 go"], &["250 queued", "250 x"]]);
+        let (result, truth, reusable) = run(true, 1, script);
+        assert_eq!(delivered(&result), ["250 queued"]);
+        assert_eq!(truth.dot_replies, ["250 queued"]);
+        assert!(!reusable, "a connection out of step was offered for reuse");
+    }
+
+    fn reply() -> impl Strategy<Value = String> {
+        let codes = prop::sample::select(vec![
+            220u16, 221, 250, 251, 252, 334, 354, 421, 451, 452, 550, 552, 554,
+        ]);
+        (codes, any::<bool>(), 0u32..1000).prop_map(|(code, multi, tag)| {
+            if multi {
+                format!("{code}-first {tag}\r\n{code} r{tag}\r\n")
+            } else {
+                format!("{code} r{tag}\r\n")
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// I9: whatever the server sends, a recipient is delivered only on the reply the
+        /// server gave to the final dot of a body it asked for with 354 and received whole.
+        #[test]
+        fn never_delivered_unless_the_server_took_the_whole_body(
+            pipelining in any::<bool>(),
+            rcpts in 1usize..4,
+            script in prop::collection::vec(prop::collection::vec(reply(), 0..3), 0..9),
+        ) {
+            let (result, truth, _) = run(pipelining, rcpts, script);
+            for reply in delivered(&result) {
+                let last = reply.lines().last().unwrap_or_default().to_owned();
+                prop_assert!(
+                    truth.dot_replies.iter().any(|r| r.lines().last() == Some(last.as_str())),
+                    "delivered on {reply:?}, but the server's replies to a whole body were {:?}",
+                    truth.dot_replies
+                );
+            }
+        }
     }
 }

@@ -210,6 +210,10 @@ impl Deliverer {
             }
         };
         let mut last = ("4.4.1".to_owned(), format!("no MX host of {domain} could be reached"));
+        // A host that failed for another reason than REQUIRETLS may qualify later: then the
+        // message is deferred, not bounced.
+        let mut other_failure = false;
+        let mut requiretls_refusal = None;
         let count = u32::try_from(hosts.len()).unwrap_or(u32::MAX);
         for (index, host) in hosts.iter().enumerate() {
             for &addr in &host.addrs {
@@ -269,7 +273,12 @@ impl Deliverer {
                         let _ =
                             write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);
                         tracing::info!(domain, mx = %host.name, %addr, %code, "trying next host: {reason}");
-                        last = (code, reason);
+                        if code == REQUIRETLS_CODE {
+                            requiretls_refusal = Some(reason);
+                        } else {
+                            other_failure = true;
+                            last = (code, reason);
+                        }
                     }
                     HostResult::Final(status) => {
                         let word = match &status {
@@ -285,7 +294,13 @@ impl Deliverer {
                 }
             }
         }
-        let mut outcome = every(Status::Deferred { code: last.0, reason: last.1 });
+        let status = match requiretls_refusal {
+            Some(reason) if !other_failure => {
+                Status::Bounced { code: REQUIRETLS_CODE.to_owned(), reason }
+            }
+            _ => Status::Deferred { code: last.0, reason: last.1 },
+        };
+        let mut outcome = every(status);
         outcome.tls_log = log;
         outcome
     }
@@ -393,18 +408,14 @@ impl Deliverer {
                     handshakes.fetch_add(1, Ordering::Relaxed);
                     if a.message.requiretls && !tls_client.capabilities.requiretls {
                         tls_client.quit().await;
-                        return HostResult::Final(Status::Bounced {
-                            code: REQUIRETLS_CODE.to_owned(),
-                            reason: format!(
-                                "REQUIRETLS: {} does not advertise REQUIRETLS",
-                                host.name
-                            ),
-                        });
+                        return requiretls_missing(host, addr);
                     }
                     let result = tls_client.transaction_tls(&a.envelope, a.message.body).await;
                     return match result {
                         Ok(results) => {
-                            self.reuse.park(key, Parked::new(*tls_client, info.clone()));
+                            if tls_client.reusable().await {
+                                self.reuse.park(key, Parked::new(*tls_client, info.clone()));
+                            }
                             HostResult::Done(
                                 results,
                                 DeliveredVia {
@@ -442,10 +453,7 @@ impl Deliverer {
         if a.message.requiretls && !parked.client.capabilities.requiretls {
             // The same check as on a new connection, with the same answer.
             self.reuse.park(key.clone(), parked);
-            return Some(HostResult::Final(Status::Bounced {
-                code: REQUIRETLS_CODE.to_owned(),
-                reason: format!("REQUIRETLS: {} does not advertise REQUIRETLS", a.host.name),
-            }));
+            return Some(requiretls_missing(a.host, key.addr));
         }
         let result = parked.client.transaction_tls(&a.envelope, a.message.body).await;
         Some(match result {
@@ -453,7 +461,9 @@ impl Deliverer {
                 parked.uses += 1;
                 self.stats.reused.fetch_add(1, Ordering::Relaxed);
                 let info = parked.info.clone();
-                self.reuse.park(key.clone(), parked);
+                if parked.client.reusable().await {
+                    self.reuse.park(key.clone(), parked);
+                }
                 HostResult::Done(
                     results,
                     DeliveredVia {
@@ -567,6 +577,16 @@ impl Attempt<'_> {
                 HostResult::Next { code: "4.4.2".into(), reason: format!("[{}]: {e}", peer.ip()) }
             }
         }
+    }
+}
+
+/// RFC 8689 §4.2.1: a next hop that does not advertise REQUIRETLS after STARTTLS does not
+/// qualify; the session ends and the remaining MX hosts are tried. Only when none qualifies does
+/// the message bounce with 5.7.30 (see [`Deliverer::deliver`]).
+fn requiretls_missing(host: &MxHost, addr: SocketAddr) -> HostResult {
+    HostResult::Next {
+        code: REQUIRETLS_CODE.to_owned(),
+        reason: format!("REQUIRETLS: {} [{}] does not advertise REQUIRETLS", host.name, addr.ip()),
     }
 }
 
