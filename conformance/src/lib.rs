@@ -206,7 +206,7 @@ async fn run_one(
     let message = Message {
         mail_from: "conformance@postwarden.test",
         body: body.as_bytes(),
-        requiretls: false,
+        requiretls: scenario.requiretls,
         tls_required_no: false,
         attempt: 1,
         age: 0,
@@ -270,6 +270,22 @@ async fn run_one(
         if let Some(problem) = forged_reply(&recipient.status, &transcript) {
             problems.push(format!("invariant I3 violated: {problem}"));
         }
+    }
+    let deliveries: Vec<postwarden_sim::Delivery> = outcome
+        .recipients
+        .iter()
+        .filter_map(|r| match &r.status {
+            Status::Delivered { mx, tls, reply, .. } => Some(postwarden_sim::Delivery {
+                rcpt: r.rcpt.clone(),
+                mx: mx.clone(),
+                tls: tls.is_some(),
+                reply: reply.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    for violation in postwarden_sim::check_deliveries(scenario.id, &transcript, &deliveries) {
+        problems.push(format!("invariant {violation}"));
     }
     fleet.shutdown().await;
     Ok(ScenarioResult {

@@ -105,6 +105,7 @@ pub async fn probe(config: &Config, chain: &Chain, domain: &str) -> anyhow::Resu
                         Check::Down(format!("STARTTLS refused: {}", reply.to_string().trim_end()))
                     }
                     StartTls::Failed(failure) => Check::Down(describe(&failure)),
+                    StartTls::OutOfStep(e) => Check::Down(format!("after TLS: {e}")),
                 };
             let label =
                 if level == TlsLevel::Verify { "verify (MX name)" } else { "secure (domain)" };

@@ -2,7 +2,9 @@
 //!
 //! I3 (injected bytes never read as replies), I6 (connection reuse), I7 (bounded waits) and I8
 //! (bounded memory) need the relay's own report and are left to the conformance runner; what a
-//! server can see is checked here, per connection, in event order.
+//! server can see is checked here, per connection, in event order. I9 (a delivery is backed by
+//! a transaction the server saw through) compares the relay's report with the transcript:
+//! [`check_deliveries`].
 
 use std::fmt;
 
@@ -29,6 +31,10 @@ pub enum Invariant {
     AuthWithoutTls,
     /// Research §3.6 item 3: a ClientHello only after a 2xx reply to STARTTLS.
     HandshakeWithoutGoAhead,
+    /// I9: a recipient counts as delivered only on the reply to the final dot of a transaction
+    /// whose DATA got 354 and whose whole body was sent, on the same connection and the same
+    /// side of the TLS boundary.
+    DeliveredWithoutTransaction,
 }
 
 impl Invariant {
@@ -42,6 +48,7 @@ impl Invariant {
             Self::TalkBeforeGreeting => "GREET",
             Self::AuthWithoutTls => "AUTH",
             Self::HandshakeWithoutGoAhead => "GO-AHEAD",
+            Self::DeliveredWithoutTransaction => "I9",
         }
     }
 }
@@ -139,4 +146,116 @@ pub fn check(scenario: &str, transcript: &Transcript, forced: bool) -> Vec<Viola
         }
     }
     violations
+}
+
+/// A delivery as the relay reports it, for [`check_deliveries`].
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Delivery {
+    /// The recipient.
+    pub rcpt: String,
+    /// The MX host the relay says took it.
+    pub mx: String,
+    /// Whether the relay says the transaction ran inside TLS.
+    pub tls: bool,
+    /// The reply the relay counted as the server's acceptance.
+    pub reply: String,
+}
+
+/// One transaction a server saw through: DATA and its reply, the whole body, the reply to the
+/// final dot.
+struct Completed {
+    rcpts: Vec<String>,
+    tls: bool,
+    go_ahead_354: bool,
+    dot_reply: String,
+}
+
+/// I9: every delivery the relay reports is backed, on one connection to that MX, by a
+/// transaction on the same side of the TLS boundary whose DATA the server answered with 354,
+/// whose whole body it received (so it recorded the message) and whose final dot it answered
+/// with the very reply the relay counted. A relay that reads an unsolicited line as an answer,
+/// or takes a 250 to DATA for acceptance, reports a delivery no server made.
+pub fn check_deliveries(
+    scenario: &str,
+    transcript: &Transcript,
+    deliveries: &[Delivery],
+) -> Vec<Violation> {
+    let completed: Vec<(usize, &str, Vec<Completed>)> = transcript
+        .connections
+        .iter()
+        .enumerate()
+        .map(|(index, c)| (index, c.mx.as_str(), completed(&c.events)))
+        .collect();
+    let same_host = |a: &str, b: &str| {
+        a.trim_end_matches('.').eq_ignore_ascii_case(b.trim_end_matches('.'))
+    };
+    let mut violations = Vec::new();
+    for delivery in deliveries {
+        let last = delivery.reply.lines().last().unwrap_or_default().trim_end();
+        let backed = completed.iter().filter(|(_, mx, _)| same_host(mx, &delivery.mx)).any(
+            |(_, _, transactions)| {
+                transactions.iter().any(|t| {
+                    t.go_ahead_354
+                        && t.tls == delivery.tls
+                        && t.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&delivery.rcpt))
+                        && t.dot_reply.lines().any(|line| line.trim_end() == last)
+                })
+            },
+        );
+        if !backed {
+            let connection = completed
+                .iter()
+                .find(|(_, mx, _)| same_host(mx, &delivery.mx))
+                .map_or(0, |(index, _, _)| *index);
+            violations.push(Violation {
+                invariant: Invariant::DeliveredWithoutTransaction,
+                scenario: scenario.to_owned(),
+                connection,
+                mx: delivery.mx.clone(),
+                line: format!(
+                    "{} reported delivered {} on `{}`, but no connection to that MX shows DATA \
+                     answered 354, the whole body and that reply to the final dot",
+                    delivery.rcpt,
+                    if delivery.tls { "inside TLS" } else { "in plaintext" },
+                    delivery.reply.trim_end()
+                ),
+            });
+        }
+    }
+    violations
+}
+
+/// The transactions of one connection that reached the reply to the final dot.
+fn completed(events: &[Event]) -> Vec<Completed> {
+    let mut done = Vec::new();
+    // The reply to the latest DATA: `None` before any, `Some(None)` while awaited.
+    let mut data_reply: Option<Option<(bool, bool)>> = None;
+    let mut accepted: Option<(Vec<String>, bool)> = None;
+    for event in events {
+        match event {
+            Event::Received { line, .. } => {
+                if Command::parse(line.as_bytes()) == Command::Data {
+                    data_reply = Some(None);
+                }
+            }
+            Event::Sent { reply, tls } => {
+                if let Some((rcpts, accepted_tls)) = accepted.take() {
+                    let go_ahead = data_reply.flatten();
+                    done.push(Completed {
+                        rcpts,
+                        tls: accepted_tls && *tls,
+                        go_ahead_354: go_ahead
+                            .is_some_and(|(is_354, data_tls)| is_354 && data_tls == accepted_tls),
+                        dot_reply: reply.clone(),
+                    });
+                    data_reply = None;
+                } else if data_reply == Some(None) {
+                    data_reply = Some(Some((reply.starts_with("354"), *tls)));
+                }
+            }
+            Event::MessageAccepted { rcpts, tls, .. } => accepted = Some((rcpts.clone(), *tls)),
+            _ => {}
+        }
+    }
+    done
 }

@@ -36,7 +36,7 @@
 //! | [`scenario`] | the catalogue as data: behaviours, MX layout, expected outcomes per policy |
 //! | [`transcript`] | what the servers saw: events per connection, shared per domain |
 //! | [`server`] | one fake MX: plays a behaviour, performs the STARTTLS switch, records |
-//! | [`invariants`] | I1, I2, I4, I5 and related checks over a transcript |
+//! | [`invariants`] | I1, I2, I4, I5 and related checks over a transcript; I9 against the relay's report |
 //! | [`dns`] | the hickory authority for `sim.test` (MX and A records) |
 //! | [`fleet`] | every scenario on its own 127.0.0.N, one common port, plus the DNS |
 //! | [`error`] | the library error type |
@@ -56,7 +56,7 @@ pub mod transcript;
 pub use certs::{CertKind, ServerIdentity, TestCa, TlsKnobs};
 pub use error::Error;
 pub use fleet::{Fleet, FleetOptions, Route, RouteMx};
-pub use invariants::{Invariant, Violation, check};
+pub use invariants::{Delivery, Invariant, Violation, check, check_deliveries};
 pub use scenario::{Behaviour, Expected, MxSpec, Outcome, Policy, Scenario, catalogue};
 pub use server::Timing;
 pub use transcript::{ConnectionLog, Event, Transcript, Transcripts};

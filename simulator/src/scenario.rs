@@ -174,6 +174,11 @@ pub const EHLO_TLS: &str =
 pub const STARTTLS_GO: &str = "220 2.0.0 Ready to start TLS\r\n";
 /// What a server without STARTTLS answers to it.
 pub const STARTTLS_UNKNOWN: &str = "502 5.5.1 Error: command not implemented\r\n";
+/// EHLO reply inside TLS without PIPELINING: the client must go in lock-step.
+pub const EHLO_TLS_LOCKSTEP: &str =
+    "250-{host}\r\n250-X-REAL-{nonce}\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n";
+/// EHLO reply inside TLS advertising REQUIRETLS (RFC 8689 §3).
+pub const EHLO_TLS_REQUIRETLS: &str = "250-{host}\r\n250-X-REAL-{nonce}\r\n250-PIPELINING\r\n250-REQUIRETLS\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n";
 /// Positive reply to the final dot, with the queue id.
 pub const QUEUED: &str = "250 2.0.0 Ok: queued as Q-{nonce}\r\n";
 
@@ -500,6 +505,9 @@ pub struct Scenario {
     pub mx: Vec<MxSpec>,
     /// What the relay must do under O, F and FV.
     pub expected: Expected,
+    /// The message carries REQUIRETLS (RFC 8689): a runner submits it with `MAIL FROM:<..>
+    /// REQUIRETLS`, which raises every policy to a verified, REQUIRETLS-advertising next hop.
+    pub requiretls: bool,
 }
 
 impl Scenario {
@@ -520,7 +528,13 @@ impl Scenario {
             behaviour,
             mx: vec![MxSpec::primary()],
             expected,
+            requiretls: false,
         }
+    }
+
+    fn with_requiretls(mut self) -> Self {
+        self.requiretls = true;
+        self
     }
 
     fn with_mx(mut self, mx: Vec<MxSpec>) -> Self {
@@ -642,6 +656,8 @@ pub fn catalogue() -> Vec<Scenario> {
     all.extend(smtp_faults());
     all.extend(net_time_parse());
     all.extend(multi_mx());
+    all.extend(out_of_step());
+    all.extend(requiretls());
     all
 }
 
@@ -1539,5 +1555,104 @@ fn multi_mx() -> Vec<Scenario> {
         )
         .with_mx(vec![MxSpec { role: MxRole::Refuse, ..MxSpec::primary() }, good_mx2()])
         .via(via(Some("mx2"), Some("mx2"), Some("mx2"))),
+    ]
+}
+
+/// Replies that answer nothing, and replies to DATA that are not 354 (invariant I9). Each MX1
+/// misbehaves once and MX2 is healthy: the relay must drop mx1's connection as out of step
+/// (never read a line as the answer to another command) and deliver through mx2. A relay that
+/// takes such a reply at face value either records a delivery mx1 never took (no body was
+/// sent), bounces on a line that answered nothing, or misses mx2: each shows, in process and
+/// in black-box mode, as the wrong outcome or the wrong MX.
+fn out_of_step() -> Vec<Scenario> {
+    let g = Behaviour::good;
+    let via_mx2 = Via { opportunistic: Some("mx2"), forced: Some("mx2"), forced_verify: Some("mx2") };
+    let backed = |id, description, source, behaviour| {
+        Scenario::new(id, &[S::SmtpFaults], description, source, behaviour, ALL_TLS)
+            .with_mx(vec![MxSpec::primary(), other("mx2", 20, Behaviour::good())])
+            .via(via_mx2)
+    };
+    let extra = "250 2.0.0 extra\r\n";
+    let lockstep = || Behaviour { ehlo_tls: r(EHLO_TLS_LOCKSTEP), ..g() };
+    vec![
+        backed(
+            "GRT-13",
+            "one unsolicited `250 2.0.0 extra` line right after the greeting; mx2 is good",
+            "RFC 5321 §4.2 (one reply per command); invariant I9",
+            Behaviour { greeting: r("220 {host} ESMTP\r\n250 2.0.0 extra\r\n"), ..g() },
+        ),
+        backed(
+            "EHLO-08",
+            "one unsolicited `250 2.0.0 extra` line after the EHLO reply, before TLS (it would be read as the answer to STARTTLS); mx2 is good",
+            "RFC 5321 §4.2; invariant I9",
+            Behaviour { ehlo: Act::Reply(Cow::Owned(format!("{EHLO_OFFER}{extra}"))), ..g() },
+        ),
+        backed(
+            "EHLO-09",
+            "one unsolicited `250 2.0.0 extra` line after the EHLO reply inside TLS (pipelined MAIL would read it, DATA would read RCPT's 250: \"delivered\", no body); mx2 is good",
+            "RFC 2920 §3.1 (replies in order, one per command); invariant I9",
+            Behaviour { ehlo_tls: Act::Reply(Cow::Owned(format!("{EHLO_TLS}{extra}"))), ..g() },
+        ),
+        backed(
+            "MAIL-03",
+            "no PIPELINING; one unsolicited `550 5.7.1 extra` line after the MAIL reply (read as the answer to RCPT it would bounce); mx2 is good",
+            "RFC 5321 §4.2; invariant I9",
+            Behaviour { mail: r("250 2.1.0 Ok\r\n550 5.7.1 extra\r\n"), ..lockstep() },
+        ),
+        backed(
+            "RCPT-05",
+            "no PIPELINING; one unsolicited `550 5.7.1 extra` line after the RCPT reply (read as the answer to DATA it would bounce); mx2 is good",
+            "RFC 5321 §4.2; invariant I9",
+            Behaviour { rcpt: r("250 2.1.5 Ok\r\n550 5.7.1 extra\r\n"), ..lockstep() },
+        ),
+        backed(
+            "PIPE-01",
+            "PIPELINING; one unsolicited `250 2.0.0 extra` line after the MAIL reply, in the middle of the MAIL/RCPT/DATA group (DATA would read RCPT's 250); mx2 is good",
+            "RFC 2920 §3.1; invariant I9",
+            Behaviour { mail: r("250 2.1.0 Ok\r\n250 2.0.0 extra\r\n"), ..g() },
+        ),
+        backed(
+            "DATA-04",
+            "DATA answered `250 2.0.0 pretend`: no body was asked for, nothing was delivered; mx2 is good",
+            "RFC 5321 §4.3.2 (DATA: 354, then the reply to the dot); invariant I9",
+            Behaviour { data: r("250 2.0.0 pretend\r\n"), ..g() },
+        ),
+        backed(
+            "DATA-05",
+            "DATA answered `334 go on` (a 3xx other than 354); mx2 is good",
+            "RFC 5321 §4.3.2; invariant I9",
+            Behaviour { data: r("334 go on\r\n"), ..g() },
+        ),
+    ]
+}
+
+/// REQUIRETLS (RFC 8689 §4.2.1): a next hop that does not advertise it after STARTTLS does not
+/// qualify; the client ends that session and tries the remaining MX hosts, and returns the
+/// message with 5.7.30 only when none qualifies.
+fn requiretls() -> Vec<Scenario> {
+    let with = || Behaviour { ehlo_tls: r(EHLO_TLS_REQUIRETLS), ..Behaviour::good() };
+    let via_mx2 = Via { opportunistic: Some("mx2"), forced: Some("mx2"), forced_verify: Some("mx2") };
+    vec![
+        Scenario::new(
+            "REQ-01",
+            &[S::MultiMx],
+            "REQUIRETLS message: mx1 (10) has valid TLS but does not advertise REQUIRETLS; mx2 (20) does",
+            "RFC 8689 §4.2.1 (try the next MX; non-delivery only when none qualifies)",
+            Behaviour::good(),
+            ALL_TLS,
+        )
+        .with_mx(vec![MxSpec::primary(), other("mx2", 20, with())])
+        .via(via_mx2)
+        .with_requiretls(),
+        Scenario::new(
+            "REQ-02",
+            &[S::MultiMx],
+            "REQUIRETLS message: neither mx1 nor mx2 advertises REQUIRETLS (5.7.30)",
+            "RFC 8689 §4.2.1, §5.2 (REQUIRETLS not supported by the next hop: 5.7.30)",
+            Behaviour::good(),
+            ALL_BOUNCE,
+        )
+        .with_mx(vec![MxSpec::primary(), MxSpec { name: "mx2", preference: 20, role: MxRole::Play }])
+        .with_requiretls(),
     ]
 }

@@ -182,6 +182,10 @@ pub enum StartTls {
     },
     /// The upgrade failed after the 220 or while waiting for it; the connection is gone.
     Failed(Failure),
+    /// TLS is up, but the server's replies inside it are out of step (an unsolicited line
+    /// before or after the EHLO reply): an SMTP fault of that host, not a TLS failure for the
+    /// policy to judge. The connection is gone.
+    OutOfStep(SessionError),
 }
 
 /// What the TLS session looks like.
@@ -330,6 +334,9 @@ impl Client<TcpStream> {
                 Box::new(client),
                 TlsInfo { version, cipher, verified, verify_failure, names, chain_len, resumed },
             ),
+            Err(e @ (SessionError::Desync { .. } | SessionError::Unexpected { .. })) => {
+                StartTls::OutOfStep(e)
+            }
             Err(e) => StartTls::Failed(e.as_tls_failure()),
         }
     }
@@ -373,7 +380,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let reply = self.command(&ehlo, "EHLO", self.timeouts.command).await?;
         if reply.code() == 250 {
             self.capabilities = Capabilities::from_reply(&reply);
-            return Ok(());
+            // A line after the EHLO reply would be read as the answer to STARTTLS or MAIL.
+            return self.expect_quiet("the command after EHLO").await;
         }
         if reply.severity() == Severity::PermanentNegative {
             let helo = Command::Helo(helo_name.to_owned());

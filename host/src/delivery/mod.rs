@@ -437,6 +437,9 @@ impl Deliverer {
                     }
                 }
                 StartTls::Failed(failure) => return self.after_failure(a, None, failure).await,
+                StartTls::OutOfStep(e) => {
+                    return next("4.4.2", format!("{} [{}]: {e}", host.name, addr.ip()));
+                }
             }
         };
         self.after_failure(a, Some(client), failure).await

@@ -30,8 +30,12 @@ enum Attempt {
     NoTls,
     /// The handshake, or the TLS session before its first reply, failed.
     TlsFailed,
-    /// Connection, greeting or protocol trouble: try the next MX.
+    /// Connection, greeting or protocol trouble (replies out of step included): try the next
+    /// MX.
     Transient,
+    /// The message carries REQUIRETLS and the host does not advertise it after STARTTLS (RFC
+    /// 8689 §4.2.1): try the next MX; bounce with 5.7.30 when none qualifies.
+    NoRequireTls,
 }
 
 /// The security mode of the session carrying the transaction.
@@ -51,10 +55,13 @@ pub async fn deliver(
     let domain = scenario.domain();
     let rcpts: Vec<String> = locals.iter().map(|l| format!("{l}@{domain}")).collect();
     let route = fleet.route(&domain).expect("route");
+    // REQUIRETLS raises every policy to a verified session (RFC 8689 §4.2.1).
+    let policy = if scenario.requiretls { Policy::ForcedVerify } else { policy };
     let mut last = Outcome::DEFER;
+    let mut other_failure = false;
     for mx in &route.mx {
         let label = mx.host.split('.').next().unwrap_or_default().to_owned();
-        let attempt = attempt(mx, policy, Mode::Starttls, &rcpts).await;
+        let attempt = attempt(mx, policy, Mode::Starttls, &rcpts, scenario.requiretls).await;
         let attempt = match attempt {
             Attempt::TlsFailed if !policy.is_forced() => attempt_plain_reconnect(mx, &rcpts).await,
             other => other,
@@ -64,19 +71,42 @@ pub async fn deliver(
                 let results = locals.iter().map(|l| (*l).to_owned()).zip(results).collect();
                 return Delivery { results, via: Some(label) };
             }
+            Attempt::NoRequireTls => continue,
             Attempt::NoTls => last = Outcome::DEFER_NO_TLS,
             Attempt::TlsFailed => last = Outcome::DEFER_TLS_FAILED,
             Attempt::Transient => last = Outcome::DEFER,
         }
+        other_failure = true;
+    }
+    if scenario.requiretls && !other_failure {
+        last = Outcome::Bounce;
     }
     Delivery { results: locals.iter().map(|l| ((*l).to_owned(), last)).collect(), via: None }
 }
 
 async fn attempt_plain_reconnect(mx: &RouteMx, rcpts: &[String]) -> Attempt {
-    attempt(mx, Policy::Opportunistic, Mode::Reconnect, rcpts).await
+    attempt(mx, Policy::Opportunistic, Mode::Reconnect, rcpts, false).await
 }
 
-async fn attempt(mx: &RouteMx, policy: Policy, mode: Mode, rcpts: &[String]) -> Attempt {
+/// Sends one command, unless the server already sent something nobody asked for: read as the
+/// answer to this command it would shift every later reply (invariant I9).
+async fn step<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut Client<S>,
+    line: &str,
+) -> io::Result<Reply> {
+    if !client.buffered().is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "replies out of step"));
+    }
+    client.command(line).await
+}
+
+async fn attempt(
+    mx: &RouteMx,
+    policy: Policy,
+    mode: Mode,
+    rcpts: &[String],
+    requiretls: bool,
+) -> Attempt {
     let Ok((mut client, greeting)) = connect(mx.addr()).await else {
         return Attempt::Transient;
     };
@@ -94,7 +124,7 @@ async fn attempt(mx: &RouteMx, policy: Policy, mode: Mode, rcpts: &[String]) -> 
     if !offered && !policy.is_forced() {
         return transaction(&mut client, rcpts, Outcome::Plain).await;
     }
-    let reply = match client.command("STARTTLS").await {
+    let reply = match step(&mut client, "STARTTLS").await {
         Ok(reply) => reply,
         Err(_) => return Attempt::Transient,
     };
@@ -115,8 +145,13 @@ async fn attempt(mx: &RouteMx, policy: Policy, mode: Mode, rcpts: &[String]) -> 
     let Ok(mut tls) = upgrade(client, config, &mx.host).await else {
         return Attempt::TlsFailed;
     };
-    match tls.command("EHLO relay.test").await {
-        Ok(reply) if reply.code == 250 => {}
+    match step(&mut tls, "EHLO relay.test").await {
+        Ok(reply) if reply.code == 250 => {
+            if requiretls && !reply.has_capability("REQUIRETLS") {
+                let _ = tls.command("QUIT").await;
+                return Attempt::NoRequireTls;
+            }
+        }
         Ok(_) => {
             let _ = tls.command("QUIT").await;
             return Attempt::Transient;
@@ -129,14 +164,14 @@ async fn attempt(mx: &RouteMx, policy: Policy, mode: Mode, rcpts: &[String]) -> 
 
 /// EHLO, falling back to HELO on a 5xx. `Some(None)` means HELO was used (no extensions).
 async fn hello<S: AsyncRead + AsyncWrite + Unpin>(client: &mut Client<S>) -> Option<Option<Reply>> {
-    let ehlo = client.command("EHLO relay.test").await.ok()?;
+    let ehlo = step(client, "EHLO relay.test").await.ok()?;
     if ehlo.is_positive() {
         return Some(Some(ehlo));
     }
     if !(500..600).contains(&ehlo.code) {
         return None;
     }
-    let helo = client.command("HELO relay.test").await.ok()?;
+    let helo = step(client, "HELO relay.test").await.ok()?;
     helo.is_positive().then_some(None)
 }
 
@@ -153,36 +188,40 @@ async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
     rcpts: &[String],
     delivered: Outcome,
 ) -> Attempt {
-    let mail = client.command("MAIL FROM:<sender@relay.test>").await;
-    if let Some(failed) = classify(&mail) {
+    // Lock-step, and any reply out of step, 2xx/3xx other than 354 to DATA or lost connection
+    // is trouble with this host: the next MX is tried.
+    let Ok(mail) = step(client, "MAIL FROM:<sender@relay.test>").await else {
+        return Attempt::Transient;
+    };
+    if let Some(failed) = classify(&Ok(mail)) {
         return Attempt::Done(vec![failed; rcpts.len()]);
     }
     let mut results: Vec<Option<Outcome>> = Vec::new();
     for rcpt in rcpts {
-        let reply = client.command(&format!("RCPT TO:<{rcpt}>")).await;
-        let broken = reply.is_err();
-        results.push(classify(&reply));
-        if broken {
-            results.resize(rcpts.len(), Some(Outcome::DEFER));
-            return Attempt::Done(
-                results.into_iter().map(|r| r.unwrap_or(Outcome::DEFER)).collect(),
-            );
-        }
+        let Ok(reply) = step(client, &format!("RCPT TO:<{rcpt}>")).await else {
+            return Attempt::Transient;
+        };
+        results.push(classify(&Ok(reply)));
     }
     if results.iter().all(Option::is_some) {
         let _ = client.command("QUIT").await;
         return Attempt::Done(results.into_iter().flatten().collect());
     }
-    let data = client.command("DATA").await;
-    let end = match data {
+    let end = match step(client, "DATA").await {
         Ok(r) if r.code == 354 => {
-            if client.send(b"Subject: simulator\r\n\r\nhello\r\n.\r\n").await.is_err() {
-                Some(Outcome::DEFER)
-            } else {
-                classify(&client.reply().await)
+            if !client.buffered().is_empty()
+                || client.send(b"Subject: simulator\r\n\r\nhello\r\n.\r\n").await.is_err()
+            {
+                return Attempt::Transient;
+            }
+            match client.reply().await {
+                Ok(r) if (300..400).contains(&r.code) => return Attempt::Transient,
+                other => classify(&other),
             }
         }
-        other => Some(classify(&other).unwrap_or(Outcome::DEFER)),
+        Ok(r) if r.code < 400 => return Attempt::Transient,
+        Ok(r) => classify(&Ok(r)),
+        Err(_) => return Attempt::Transient,
     };
     let _ = client.command("QUIT").await;
     client.shutdown().await;
