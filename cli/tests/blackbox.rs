@@ -25,6 +25,8 @@ async fn the_relay_binary_passes_the_catalogue_over_smtp() {
     .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let relay_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let admin_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let config = format!(
         r#"
 [policy_engine]
@@ -61,6 +63,9 @@ concurrency = 64
 
 [inbound]
 listen = "{relay_addr}"
+
+[admin]
+listen = "{admin_addr}"
 "#,
         forced = wasm::policy("forced-tls").display(),
         mx_port = fleet.port(),
@@ -89,6 +94,7 @@ listen = "{relay_addr}"
         &expectations,
         Duration::from_secs(15),
         "postwarden (black box)",
+        Some(admin_addr),
     )
     .await;
     relay.kill().unwrap();
@@ -102,4 +108,6 @@ listen = "{relay_addr}"
     let tls = table.lines().filter(|l| l.contains(" TLS ") && l.ends_with("ok")).count();
     let bounced = table.lines().filter(|l| l.contains("BOUNCE") && l.ends_with("ok")).count();
     assert!(tls > 30 && bounced >= 4, "tls {tls}, bounced {bounced}:\n{table}");
+    // I9 from outside: the relay's delivered count was read and compared.
+    assert!(table.lines().any(|l| l.starts_with("I9 ") && l.ends_with("ok")), "{table}");
 }

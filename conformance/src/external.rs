@@ -6,6 +6,16 @@
 //! mailbox (hosted by the fleet's healthy `cap-01.sim.test`) is BOUNCE; nothing within the
 //! window is DEFER. Codes are not observable from outside, so any deferral or bounce matches.
 //! Each recipient gets its own message and its own sender address, so a DSN names exactly one.
+//!
+//! Invariant I9 (a delivery is backed by a transaction the server saw through) is judged two
+//! ways from outside. The out-of-step scenarios expect delivery through a healthy backup MX, so
+//! a relay that believes the broken primary took the message shows as DEFER or the wrong MX.
+//! And given the relay's Prometheus endpoint, the runner compares its count of delivered
+//! recipients, on each side of the TLS boundary, with what the fleet's servers accepted: a
+//! relay can never have delivered more than the servers took (row `I9`).
+//!
+//! Scenarios whose message carries REQUIRETLS are listed but not judged here: RFC 8689 only
+//! lets a relay accept REQUIRETLS over TLS, and this runner submits in plaintext.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -27,9 +37,11 @@ pub async fn run_external(
     expectations: &Expectations,
     window: Duration,
     name: &str,
+    metrics: Option<SocketAddr>,
 ) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let scenarios: Vec<Scenario> = fleet.scenarios().to_vec();
+    let (scenarios, unjudged): (Vec<Scenario>, Vec<Scenario>) =
+        fleet.scenarios().iter().cloned().partition(|s| !s.requiretls);
     anyhow::ensure!(
         fleet.route(SINK).is_some(),
         "black-box mode needs CAP-01 ({SINK}) to receive DSNs"
@@ -108,7 +120,86 @@ pub async fn run_external(
     for result in &mut results {
         result.problems.dedup();
     }
+    for scenario in unjudged {
+        results.push(ScenarioResult {
+            id: scenario.id.to_owned(),
+            domain: scenario.domain(),
+            description: scenario.description.to_owned(),
+            expected: expectations.expected(&scenario).to_string(),
+            observed: Vec::new(),
+            decision: "not judged: REQUIRETLS".to_owned(),
+            tls_log: String::new(),
+            problems: Vec::new(),
+            elapsed: Duration::ZERO,
+        });
+    }
+    if let Some(metrics) = metrics {
+        let counts = tokio::task::spawn_blocking(move || delivered_counts(metrics)).await?;
+        let (relay_tls, relay_plain) =
+            counts.map_err(|e| anyhow::anyhow!("reading the relay's metrics at {metrics}: {e}"))?;
+        let (fleet_tls, fleet_plain) = accepted_counts(fleet);
+        let mut problems = Vec::new();
+        for (side, relay, fleet) in
+            [("inside TLS", relay_tls, fleet_tls), ("in plaintext", relay_plain, fleet_plain)]
+        {
+            if relay > fleet {
+                problems.push(format!(
+                    "invariant I9 violated: the relay counts {relay} recipients delivered {side}, \
+                     the fleet's servers accepted {fleet}"
+                ));
+            }
+        }
+        results.push(ScenarioResult {
+            id: "I9".to_owned(),
+            domain: "(all)".to_owned(),
+            description: "deliveries the relay counts vs recipients the fleet accepted".to_owned(),
+            expected: "<= accepted".to_owned(),
+            observed: Vec::new(),
+            decision: format!("relay {relay_tls}+{relay_plain}, fleet {fleet_tls}+{fleet_plain}"),
+            tls_log: String::new(),
+            problems,
+            elapsed: started.elapsed(),
+        });
+    }
     Ok(Report { name: name.to_owned(), results, elapsed: started.elapsed() })
+}
+
+/// Recipients the fleet's servers accepted (a positive reply to a final dot after the whole
+/// body), inside TLS and in plaintext.
+fn accepted_counts(fleet: &Fleet) -> (u64, u64) {
+    let (mut tls, mut plain) = (0, 0);
+    for scenario in fleet.scenarios() {
+        for connection in fleet.transcript(&scenario.domain()).connections {
+            for event in connection.events {
+                if let Event::MessageAccepted { rcpts, tls: inside, .. } = event {
+                    let n = rcpts.len() as u64;
+                    if inside { tls += n } else { plain += n }
+                }
+            }
+        }
+    }
+    (tls, plain)
+}
+
+/// `postwarden_recipients_delivered_total` from the relay's Prometheus text, summed inside TLS
+/// (`verified`, `unverified`) and in plaintext.
+fn delivered_counts(metrics: SocketAddr) -> std::io::Result<(u64, u64)> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect(metrics)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (mut tls, mut plain) = (0, 0);
+    for line in text.lines().filter(|l| l.starts_with("postwarden_recipients_delivered_total{")) {
+        let value: u64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if line.contains("tls=\"plaintext\"") {
+            plain += value;
+        } else {
+            tls += value;
+        }
+    }
+    Ok((tls, plain))
 }
 
 /// Codes cannot be seen from outside: any deferral matches a deferral, any bounce a bounce.

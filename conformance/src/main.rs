@@ -53,6 +53,11 @@ struct ConformanceArgs {
     /// Black-box mode: where the CA is written (`ca.pem`).
     #[arg(long, default_value = "postwarden-sim")]
     dir: PathBuf,
+    /// Black-box mode: the relay's Prometheus endpoint (HOST:PORT serving `/metrics`); with
+    /// it, the relay's count of delivered recipients is checked against what the fleet
+    /// accepted (invariant I9).
+    #[arg(long, conflicts_with = "policy")]
+    metrics: Option<SocketAddr>,
     /// Black-box mode: seconds to wait for outcomes; nothing by then counts as deferred.
     #[arg(long, default_value_t = 60)]
     window_secs: u64,
@@ -169,6 +174,7 @@ async fn conformance(args: ConformanceArgs) -> anyhow::Result<bool> {
                 &expectations,
                 window,
                 &name,
+                args.metrics,
             )
             .await?;
             fleet.shutdown().await;

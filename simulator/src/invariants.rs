@@ -186,9 +186,8 @@ pub fn check_deliveries(
         .enumerate()
         .map(|(index, c)| (index, c.mx.as_str(), completed(&c.events)))
         .collect();
-    let same_host = |a: &str, b: &str| {
-        a.trim_end_matches('.').eq_ignore_ascii_case(b.trim_end_matches('.'))
-    };
+    let same_host =
+        |a: &str, b: &str| a.trim_end_matches('.').eq_ignore_ascii_case(b.trim_end_matches('.'));
     let mut violations = Vec::new();
     for delivery in deliveries {
         let last = delivery.reply.lines().last().unwrap_or_default().trim_end();

@@ -1566,7 +1566,8 @@ fn multi_mx() -> Vec<Scenario> {
 /// in black-box mode, as the wrong outcome or the wrong MX.
 fn out_of_step() -> Vec<Scenario> {
     let g = Behaviour::good;
-    let via_mx2 = Via { opportunistic: Some("mx2"), forced: Some("mx2"), forced_verify: Some("mx2") };
+    let via_mx2 =
+        Via { opportunistic: Some("mx2"), forced: Some("mx2"), forced_verify: Some("mx2") };
     let backed = |id, description, source, behaviour| {
         Scenario::new(id, &[S::SmtpFaults], description, source, behaviour, ALL_TLS)
             .with_mx(vec![MxSpec::primary(), other("mx2", 20, Behaviour::good())])
@@ -1631,7 +1632,8 @@ fn out_of_step() -> Vec<Scenario> {
 /// message with 5.7.30 only when none qualifies.
 fn requiretls() -> Vec<Scenario> {
     let with = || Behaviour { ehlo_tls: r(EHLO_TLS_REQUIRETLS), ..Behaviour::good() };
-    let via_mx2 = Via { opportunistic: Some("mx2"), forced: Some("mx2"), forced_verify: Some("mx2") };
+    let via_mx2 =
+        Via { opportunistic: Some("mx2"), forced: Some("mx2"), forced_verify: Some("mx2") };
     vec![
         Scenario::new(
             "REQ-01",

@@ -141,3 +141,48 @@ async fn auth_in_plaintext_is_flagged_under_every_policy() {
     assert_eq!(found[0].0, Invariant::AuthWithoutTls);
     assert_eq!(check("AUTH-01", &transcript, true).len(), 2, "I1 and AUTH under forced");
 }
+
+/// I9: "A recipient counts as delivered only on the reply to the final dot of a transaction
+/// whose DATA got 354 and whose whole body was sent, on the same connection and the same side
+/// of the TLS boundary." A client that takes DATA-04's `250` to DATA for acceptance reports a
+/// delivery the transcript cannot back; the real acceptance elsewhere is backed, but only on
+/// its own side of the TLS boundary and with its own reply.
+#[tokio::test]
+async fn a_delivery_without_a_body_is_flagged() {
+    use postwarden_sim::{Delivery, check_deliveries};
+    let fleet = fleet(&["DATA-04", "CAP-02"]).await;
+    let (addr, host) = mx_addr(&fleet, "DATA-04", "mx1");
+    let (mut client, _) = connect(addr).await.unwrap();
+    client.command("EHLO relay.test").await.unwrap();
+    let pretend = client.transaction("a@relay.test", &["user@data-04.sim.test"]).await.unwrap();
+    assert_eq!(pretend.code, 250, "DATA-04 answers DATA with 250");
+    client.command("QUIT").await.unwrap();
+    drop(client);
+    let claim = |mx: &str, tls: bool, reply: &str| Delivery {
+        rcpt: "user@data-04.sim.test".into(),
+        mx: mx.into(),
+        tls,
+        reply: reply.into(),
+    };
+    let transcript = settled(&fleet, "DATA-04").await;
+    let violations =
+        check_deliveries("DATA-04", &transcript, &[claim(&host, false, "250 2.0.0 pretend")]);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!(violations[0].invariant, Invariant::DeliveredWithoutTransaction);
+    assert!(violations[0].to_string().starts_with("I9 violated in DATA-04"), "{}", violations[0]);
+
+    let (addr, host) = mx_addr(&fleet, "CAP-02", "mx1");
+    let (mut client, _) = connect(addr).await.unwrap();
+    client.command("EHLO relay.test").await.unwrap();
+    let done = client.transaction("a@relay.test", &["user@data-04.sim.test"]).await.unwrap();
+    assert_eq!(done.code, 250);
+    client.command("QUIT").await.unwrap();
+    drop(client);
+    let transcript = settled(&fleet, "CAP-02").await;
+    let reply = format!("{} {}", done.code, done.lines[0]);
+    assert!(check_deliveries("CAP-02", &transcript, &[claim(&host, false, &reply)]).is_empty());
+    // The same acceptance claimed inside TLS, or on another reply, is not backed.
+    assert_eq!(check_deliveries("CAP-02", &transcript, &[claim(&host, true, &reply)]).len(), 1);
+    let other = "250 2.1.5 Ok";
+    assert_eq!(check_deliveries("CAP-02", &transcript, &[claim(&host, false, other)]).len(), 1);
+}

@@ -654,7 +654,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 for &i in &accepted {
                     results[i] = Some(RcptResult::Delivered(final_reply.clone()));
                 }
-                Ok(results.into_iter().map(|r| r.unwrap_or_else(|| refusal(&final_reply))).collect())
+                Ok(results
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|| refusal(&final_reply)))
+                    .collect())
             }
             Severity::TransientNegative | Severity::PermanentNegative => {
                 Ok(fill_accepted(results, &accepted, &final_reply))
