@@ -232,10 +232,8 @@ fn completed(events: &[Event]) -> Vec<Completed> {
     let mut accepted: Option<(Vec<String>, bool)> = None;
     for event in events {
         match event {
-            Event::Received { line, .. } => {
-                if Command::parse(line.as_bytes()) == Command::Data {
-                    data_reply = Some(None);
-                }
+            Event::Received { line, .. } if Command::parse(line.as_bytes()) == Command::Data => {
+                data_reply = Some(None);
             }
             Event::Sent { reply, tls } => {
                 if let Some((rcpts, accepted_tls)) = accepted.take() {
