@@ -164,6 +164,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
     }
     print!("{table}");
+    if !requiretls.is_empty() {
+        let ids: Vec<&str> = requiretls.iter().map(|s| s.id).collect();
+        println!(
+            "\nnot run here ({}): a REQUIRETLS message needs a submission over TLS; the \
+             conformance runner covers them",
+            ids.join(", ")
+        );
+    }
     println!(
         "\n{matches} of {} outcomes as the catalogue expects; {} scenarios in {:.1} s (fleet CA: {})",
         expected_rcpts.len(),
@@ -171,14 +179,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         started.elapsed().as_secs_f64(),
         fleet.ca_file().map_or_else(String::new, |p| p.display().to_string())
     );
-    if !requiretls.is_empty() {
-        let ids: Vec<&str> = requiretls.iter().map(|s| s.id).collect();
-        println!(
-            "not run here ({}): a REQUIRETLS message needs a submission over TLS; the \
-             conformance runner covers them",
-            ids.join(", ")
-        );
-    }
     relay.shutdown(Duration::from_secs(5)).await;
     fleet.shutdown().await;
     Ok(if matches == expected_rcpts.len() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
