@@ -405,7 +405,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn rset(&mut self) -> Result<(), SessionError> {
         let reply = self.command(&Command::Rset, "RSET", self.timeouts.command).await?;
         if reply.code() == 250 {
-            return Ok(());
+            // A parked connection that answers RSET with more than one reply is out of step:
+            // better a new connection than a transaction on it.
+            return self.expect_quiet("the command after RSET").await;
         }
         self.spoiled = true;
         Err(SessionError::Command {
@@ -926,6 +928,33 @@ mod tests {
         assert_eq!(delivered(&result), ["250 queued"]);
         assert_eq!(truth.dot_replies, ["250 queued"]);
         assert!(!reusable, "a connection out of step was offered for reuse");
+    }
+
+    #[test]
+    fn a_parked_connection_answering_rset_twice_is_not_used() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (ours, theirs) = tokio::io::duplex(4096);
+            let server =
+                tokio::spawn(server(theirs, chunks(&[&["250 2.0.0 Ok", "250 2.0.0 extra"]])));
+            let mut client = Client {
+                stream: ours,
+                replies: ReplyBuffer::new(),
+                peer: "192.0.2.1:25".parse().unwrap(),
+                timeouts: Timeouts::all(Duration::from_secs(10)),
+                spoiled: false,
+                capabilities: Capabilities::default(),
+            };
+            let rset = client.rset().await;
+            assert!(matches!(rset, Err(SessionError::Desync { .. })), "{rset:?}");
+            assert!(!client.reusable().await);
+            drop(client);
+            server.await.unwrap();
+        });
     }
 
     fn reply() -> impl Strategy<Value = String> {
