@@ -27,6 +27,8 @@ pub struct AdminState {
     pub chains: Arc<ChainHandle>,
     /// The deliverer (connection counters).
     pub deliverer: Arc<crate::delivery::Deliverer>,
+    /// The inbound server's per-address state and limit counters.
+    pub inbound: Arc<crate::inbound::Anvil>,
 }
 
 /// Serves until `shutdown` turns true.
@@ -139,6 +141,35 @@ pub fn metrics(state: &AdminState) -> String {
         &[
             ("{kind=\"full\"}", s.tls_full.load(Ordering::Relaxed)),
             ("{kind=\"resumed\"}", s.tls_resumed.load(Ordering::Relaxed)),
+        ],
+    );
+    let i = &state.inbound.stats;
+    counter(
+        "postwarden_inbound_connections_refused_total",
+        "Inbound connections refused by a limit: the server's cap, the per-address cap, the per-address rate.",
+        &[
+            ("{limit=\"global\"}", i.refused_global.load(Ordering::Relaxed)),
+            ("{limit=\"per_client\"}", i.refused_per_client.load(Ordering::Relaxed)),
+            ("{limit=\"rate\"}", i.refused_rate.load(Ordering::Relaxed)),
+        ],
+    );
+    counter(
+        "postwarden_inbound_auth_failures_total",
+        "Failed AUTH attempts (wrong user name or password).",
+        &[("", i.auth_failures.load(Ordering::Relaxed))],
+    );
+    counter(
+        "postwarden_inbound_auth_refused_total",
+        "AUTH refused (454) because the client's address failed too often recently.",
+        &[("", i.auth_refused.load(Ordering::Relaxed))],
+    );
+    counter(
+        "postwarden_inbound_sessions_closed_total",
+        "Inbound sessions the server closed on a limit.",
+        &[
+            ("{limit=\"session_time\"}", i.session_time_exceeded.load(Ordering::Relaxed)),
+            ("{limit=\"data_rate\"}", i.data_too_slow.load(Ordering::Relaxed)),
+            ("{limit=\"errors\"}", i.too_many_errors.load(Ordering::Relaxed)),
         ],
     );
     let chain = state.chains.current();

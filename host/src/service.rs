@@ -75,10 +75,12 @@ impl Relay {
         let smtp_addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let spool: Arc<dyn Spool> = Arc::new(QueueSpool(queue.clone()));
-        let inbound = tokio::spawn(crate::inbound::serve(
+        let anvil = Arc::new(crate::inbound::Anvil::default());
+        let inbound = tokio::spawn(crate::inbound::serve_with(
             listener,
             Arc::new(options),
             spool,
+            anvil.clone(),
             stopped.clone(),
         ));
         let admin_addr = match config.admin.listen {
@@ -89,6 +91,7 @@ impl Relay {
                     queue: queue.clone(),
                     chains: chains.clone(),
                     deliverer: deliverer.clone(),
+                    inbound: anvil.clone(),
                 };
                 tokio::spawn(crate::admin::serve(admin, state, stopped.clone()));
                 Some(bound)

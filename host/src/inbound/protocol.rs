@@ -22,14 +22,12 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use super::anvil::{Anvil, InboundStats};
 use super::auth::{base64_decode, base64_encode, verify_password};
-use super::{InboundOptions, Submission};
+use super::{BareNewline, InboundOptions, Submission};
 use crate::smtp::{EnhancedCode, MAX_DOMAIN_LEN, MAX_PATH_LEN};
-
-/// Syntax and sequence errors a client may make before it is disconnected.
-const MAX_ERRORS: u32 = 20;
 
 /// Failed AUTH attempts a client may make before it is disconnected.
 const MAX_AUTH_FAILURES: u32 = 3;
@@ -41,6 +39,16 @@ const MIN_LINE_LENGTH: usize = 512;
 /// tell which user names exist.
 const DUMMY_HASH: &str =
     "sha256:00:0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The reply to AUTH from an address that failed too often recently (RFC 4954 §6: 454 is a
+/// temporary authentication failure).
+fn auth_refused_reply() -> Reply {
+    Reply::status(
+        454,
+        (4, 7, 0),
+        "too many authentication failures from your address; try again later",
+    )
+}
 
 /// One SMTP reply the server sends.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -622,6 +630,21 @@ pub struct BodyDecoder {
     max_size: usize,
     overflow: bool,
     done: bool,
+    /// Bytes of input used so far (for the transfer rate).
+    consumed: u64,
+    /// What the message holds that the relay has rules about.
+    found: BodyFindings,
+}
+
+/// What the decoder saw in a message that the relay has rules about.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct BodyFindings {
+    /// A NUL byte (refused: RFC 5321 text has none, and receivers truncate at it).
+    pub nul: bool,
+    /// A LF not preceded by CR.
+    pub bare_lf: bool,
+    /// A CR not followed by LF.
+    pub bare_cr: bool,
 }
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -647,6 +670,8 @@ impl BodyDecoder {
             max_size,
             overflow: false,
             done: false,
+            consumed: 0,
+            found: BodyFindings::default(),
         }
     }
 
@@ -658,7 +683,10 @@ impl BodyDecoder {
             if self.state == DotState::Middle {
                 // Fast path: copy up to the next CR in one go.
                 let run = input[i..].iter().position(|&b| b == b'\r').unwrap_or(input.len() - i);
-                self.store(&input[i..i + run]);
+                let text = &input[i..i + run];
+                self.found.bare_lf |= text.contains(&b'\n');
+                self.found.nul |= text.contains(&0);
+                self.store(text);
                 i += run;
                 if i == input.len() {
                     break;
@@ -689,15 +717,20 @@ impl BodyDecoder {
                 DotState::Cr => self.after_cr(b),
             };
         }
+        self.consumed += i as u64;
         i
     }
 
     fn inside(&mut self, b: u8) -> DotState {
+        self.found.bare_lf |= b == b'\n';
+        self.found.nul |= b == 0;
         self.store(&[b]);
         if b == b'\r' { DotState::Cr } else { DotState::Middle }
     }
 
     fn after_cr(&mut self, b: u8) -> DotState {
+        self.found.bare_cr |= b != b'\n';
+        self.found.nul |= b == 0;
         self.store(&[b]);
         match b {
             b'\n' => DotState::LineStart,
@@ -726,6 +759,16 @@ impl BodyDecoder {
     /// Whether the message passed the size limit (its bytes were dropped).
     pub fn overflowed(&self) -> bool {
         self.overflow
+    }
+
+    /// What the message held so far that the relay has rules about.
+    pub fn findings(&self) -> BodyFindings {
+        self.found
+    }
+
+    /// Bytes of input used so far, dot-stuffing included.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
     }
 
     /// The message, or `None` if it passed the size limit.
@@ -758,6 +801,8 @@ pub struct Session {
     transaction: Option<Transaction>,
     errors: u32,
     auth_failures: u32,
+    /// Limits across connections; a session without one only has its own.
+    anvil: Option<Arc<Anvil>>,
 }
 
 #[derive(Debug)]
@@ -819,6 +864,26 @@ impl Session {
             transaction: None,
             errors: 0,
             auth_failures: 0,
+            anvil: None,
+        }
+    }
+
+    /// Shares the per-address limits (AUTH failures) and counters of the server's [`Anvil`].
+    pub fn with_anvil(mut self, anvil: Arc<Anvil>) -> Self {
+        self.anvil = Some(anvil);
+        self
+    }
+
+    /// Failed AUTH attempts in this session so far (the server pauses after each).
+    pub fn auth_failures(&self) -> u32 {
+        self.auth_failures
+    }
+
+    /// Bytes of the message received so far, while in DATA; `None` outside DATA.
+    pub fn data_received(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Data(decoder) => Some(decoder.consumed()),
+            _ => None,
         }
     }
 
@@ -975,7 +1040,10 @@ impl Session {
     fn error(&mut self, reply: Reply) -> Option<Action> {
         self.reply(reply);
         self.errors += 1;
-        if self.errors >= MAX_ERRORS {
+        if self.errors >= self.options.max_errors.max(1) {
+            if let Some(anvil) = &self.anvil {
+                InboundStats::count(&anvil.stats.too_many_errors);
+            }
             return Some(self.close(Reply::status(421, (4, 7, 0), "too many errors")));
         }
         None
@@ -1078,8 +1146,10 @@ impl Session {
         let Some(transaction) = self.transaction.as_mut() else {
             return self.error(Reply::status(503, (5, 5, 1), "need MAIL before RCPT"));
         };
+        // A denied recipient counts as an error (Postfix's `smtpd_hard_error_limit`), so a
+        // client cannot probe for ever.
         let reply = if !may_relay {
-            Reply::status(554, (5, 7, 1), "relaying denied")
+            return self.error(Reply::status(554, (5, 7, 1), "relaying denied"));
         } else if transaction.rcpts.contains(&to) {
             Reply::status(250, (2, 1, 5), "recipient ok")
         } else if transaction.rcpts.len() >= max {
@@ -1111,10 +1181,23 @@ impl Session {
             return None;
         };
         let transaction = self.transaction.take()?;
+        let found = decoder.findings();
         let Some(body) = decoder.into_body() else {
             self.reply(Reply::status(552, (5, 3, 4), "message size exceeds the limit"));
             return None;
         };
+        if found.nul {
+            self.reply(Reply::status(554, (5, 6, 0), "message contains NUL characters"));
+            return None;
+        }
+        if self.options.bare_newline == BareNewline::Reject && (found.bare_lf || found.bare_cr) {
+            self.reply(Reply::status(
+                550,
+                (5, 5, 2),
+                "message contains a bare CR or LF; lines must end with CRLF",
+            ));
+            return None;
+        }
         let helo = self.helo.as_ref();
         self.phase = Phase::Spooling;
         Some(PendingSubmission {
@@ -1177,6 +1260,9 @@ impl Session {
                 "AUTH not allowed during a transaction",
             ));
         }
+        if self.auth_refused() {
+            return self.error(auth_refused_reply());
+        }
         match (mechanism, initial) {
             ("PLAIN", None) => {
                 self.phase = Phase::Auth(AuthStep::Plain);
@@ -1229,7 +1315,22 @@ impl Session {
         }
     }
 
+    /// Whether AUTH from this client's address is refused for now (counted when it is).
+    fn auth_refused(&self) -> bool {
+        let Some(anvil) = &self.anvil else { return false };
+        let refused = anvil.auth_refused(self.client.ip(), &self.options, Instant::now());
+        if refused {
+            InboundStats::count(&anvil.stats.auth_refused);
+        }
+        refused
+    }
+
     fn check_credentials(&mut self, user: &str, password: &str, allowed: bool) -> Option<Action> {
+        // Other connections from the address may have used up its failures meanwhile: then
+        // not even the right password is checked.
+        if self.auth_refused() {
+            return self.error(auth_refused_reply());
+        }
         let hash = self.options.credentials.get(user).map(String::as_str);
         let matches = verify_password(hash.unwrap_or(DUMMY_HASH), password);
         if allowed && hash.is_some() && matches {
@@ -1239,6 +1340,9 @@ impl Session {
         }
         self.reply(Reply::status(535, (5, 7, 8), "authentication credentials invalid"));
         self.auth_failures += 1;
+        if let Some(anvil) = &self.anvil {
+            anvil.auth_failed(self.client.ip(), &self.options, Instant::now());
+        }
         if self.auth_failures >= MAX_AUTH_FAILURES {
             return Some(self.close(Reply::status(
                 421,

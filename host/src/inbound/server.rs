@@ -1,4 +1,5 @@
-//! The inbound server on Tokio: accept loop, connection cap, per-connection tasks.
+//! The inbound server on Tokio: accept loop, connection caps (global and per address),
+//! per-connection tasks with their time limits (idle, whole session, DATA transfer rate).
 //!
 //! Each connection runs [`drive`] over a plaintext `TcpStream`; if the client starts TLS,
 //! `drive` hands the stream back and runs again over the `TlsStream`, so the two halves of a
@@ -7,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use super::anvil::{Anvil, ClientSlot, InboundStats};
 use super::protocol::{Action, Reply, Session};
 use super::{InboundOptions, Spool};
 
@@ -31,11 +33,23 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// connection has ended. A message already handed to the spool is always answered.
 ///
 /// Connections beyond `options.max_connections` are told `421 4.7.0 too many connections`
-/// and closed at once.
+/// and closed at once, as are those beyond the per-address limits.
 pub async fn serve(
     listener: TcpListener,
     options: Arc<InboundOptions>,
     spool: Arc<dyn Spool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_with(listener, options, spool, Arc::new(Anvil::default()), shutdown).await;
+}
+
+/// [`serve`] with the per-address state and counters in `anvil`, which the caller keeps (for
+/// `/metrics`).
+pub async fn serve_with(
+    listener: TcpListener,
+    options: Arc<InboundOptions>,
+    spool: Arc<dyn Spool>,
+    anvil: Arc<Anvil>,
     shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
@@ -55,15 +69,34 @@ pub async fn serve(
                     }
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    refuse(&stream, &options);
+                    refuse(&stream, &options, "too many connections");
+                    InboundStats::count(&anvil.stats.refused_global);
                     tracing::warn!(%client, "connection refused: too many connections");
                     continue;
+                };
+                let client_slot = match anvil.connect(client.ip(), &options, Instant::now()) {
+                    Ok(client_slot) => client_slot,
+                    Err(refusal) => {
+                        refuse(&stream, &options, refusal.text());
+                        let counter = match refusal {
+                            super::Refusal::TooManyConnections => &anvil.stats.refused_per_client,
+                            super::Refusal::TooFast => &anvil.stats.refused_rate,
+                        };
+                        InboundStats::count(counter);
+                        tracing::warn!(%client, reason = refusal.text(), "connection refused");
+                        continue;
+                    }
                 };
                 let connection = Connection {
                     options: options.clone(),
                     spool: spool.clone(),
+                    anvil: anvil.clone(),
                     shutdown: shutdown.clone(),
                     client,
+                    client_slot: Some(client_slot),
+                    started: Instant::now(),
+                    data_started: None,
+                    auth_failures_seen: 0,
                 };
                 let span = tracing::info_span!("inbound", %client);
                 connections.spawn(
@@ -92,18 +125,35 @@ async fn requested(shutdown: &mut watch::Receiver<bool>) {
 
 /// Tells an over-the-cap client why it is being dropped, without waiting: a fresh socket's
 /// send buffer is empty, so the write succeeds unless the client is already gone.
-fn refuse(stream: &TcpStream, options: &InboundOptions) {
+fn refuse(stream: &TcpStream, options: &InboundOptions, why: &str) {
     let mut out = Vec::new();
-    Reply::status(421, (4, 7, 0), format!("{} too many connections", options.hostname))
-        .encode(&mut out);
+    Reply::status(421, (4, 7, 0), format!("{} {why}", options.hostname)).encode(&mut out);
     let _ = stream.try_write(&out);
 }
 
 struct Connection {
     options: Arc<InboundOptions>,
     spool: Arc<dyn Spool>,
+    anvil: Arc<Anvil>,
     shutdown: watch::Receiver<bool>,
     client: SocketAddr,
+    /// The address's place in the per-address count, given back before the socket closes
+    /// (so a client that saw the close may connect again at once).
+    client_slot: Option<ClientSlot>,
+    /// When the connection was accepted (`max_session_time`).
+    started: Instant,
+    /// When the current message's DATA began (`min_data_rate`).
+    data_started: Option<Instant>,
+    /// AUTH failures already paused for.
+    auth_failures_seen: u32,
+}
+
+/// Why the server ends a session on its own.
+#[derive(Clone, Copy, Debug, Eq, Ord, PartialEq, PartialOrd)]
+enum Expiry {
+    Idle,
+    Session,
+    DataRate,
 }
 
 /// How [`drive`] ended.
@@ -120,7 +170,8 @@ impl Connection {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        let mut session = Session::new(self.options.clone(), self.client);
+        let mut session =
+            Session::new(self.options.clone(), self.client).with_anvil(self.anvil.clone());
         let Ended::StartTls(stream) = self.drive(stream, &mut session).await else {
             tracing::debug!("connection closed");
             return;
@@ -130,7 +181,8 @@ impl Connection {
             return;
         };
         let handshake = TlsAcceptor::from(config).accept(stream);
-        let stream = match tokio::time::timeout(self.options.idle_timeout, handshake).await {
+        let (handshake_deadline, _) = self.read_deadline(None);
+        let stream = match tokio::time::timeout_at(handshake_deadline.into(), handshake).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 tracing::info!(%error, "tls handshake failed");
@@ -165,16 +217,29 @@ impl Connection {
         loop {
             match session.next_action() {
                 Action::Read => {
+                    self.pause_after_auth_failure(session).await;
                     if !self.flush(&mut stream, session, &mut out).await {
                         return Ended::Closed;
                     }
-                    let idle = self.options.idle_timeout;
-                    let read = tokio::select! {
-                        read = tokio::time::timeout(idle, stream.read(&mut buf)) => read,
-                        () = requested(&mut self.shutdown) => {
-                            let reply = Reply::status(421, (4, 3, 2), "server shutting down");
-                            self.close_with(&mut stream, reply).await;
-                            return Ended::Closed;
+                    let data_received = session.data_received();
+                    match (data_received, self.data_started) {
+                        (Some(_), None) => self.data_started = Some(Instant::now()),
+                        (None, Some(_)) => self.data_started = None,
+                        _ => {}
+                    }
+                    let (deadline, expiry) = self.read_deadline(data_received);
+                    let read = if deadline <= Instant::now() {
+                        Err(expiry)
+                    } else {
+                        tokio::select! {
+                            read = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)) => {
+                                read.map_err(|_| expiry)
+                            }
+                            () = requested(&mut self.shutdown) => {
+                                let reply = Reply::status(421, (4, 3, 2), "server shutting down");
+                                self.close_with(&mut stream, reply).await;
+                                return Ended::Closed;
+                            }
                         }
                     };
                     match read {
@@ -184,9 +249,8 @@ impl Connection {
                             tracing::debug!(%error, "read failed");
                             return Ended::Closed;
                         }
-                        Err(_) => {
-                            tracing::info!("idle timeout");
-                            let reply = Reply::status(421, (4, 4, 2), "idle timeout");
+                        Err(expiry) => {
+                            let reply = self.expired(expiry);
                             self.close_with(&mut stream, reply).await;
                             return Ended::Closed;
                         }
@@ -202,6 +266,7 @@ impl Connection {
                     return Ended::StartTls(stream);
                 }
                 Action::Submit(pending) => {
+                    self.data_started = None;
                     let rcpts = pending.rcpts().len();
                     let size = pending.size();
                     let submission = pending.into_submission(SystemTime::now());
@@ -217,12 +282,71 @@ impl Connection {
                     session.submitted(&result);
                 }
                 Action::Close => {
+                    self.pause_after_auth_failure(session).await;
+                    self.client_slot = None;
                     if self.flush(&mut stream, session, &mut out).await {
                         let _ = stream.shutdown().await;
                     }
                     return Ended::Closed;
                 }
             }
+        }
+    }
+
+    /// When the next read must have come, and which limit that is: the idle timeout, the end
+    /// of the session, or (in DATA, `received` bytes so far) the moment the average rate
+    /// since the `354` falls below `min_data_rate` if nothing more arrives.
+    fn read_deadline(&self, received: Option<u64>) -> (Instant, Expiry) {
+        let o = &self.options;
+        let mut deadline = (Instant::now() + o.idle_timeout, Expiry::Idle);
+        if !o.max_session_time.is_zero() {
+            deadline = deadline.min((self.started + o.max_session_time, Expiry::Session));
+        }
+        if let (Some(received), Some(started), true) =
+            (received, self.data_started, o.min_data_rate > 0)
+        {
+            let earned = Duration::from_secs_f64(received as f64 / f64::from(o.min_data_rate));
+            deadline = deadline.min((started + o.data_rate_grace.max(earned), Expiry::DataRate));
+        }
+        deadline
+    }
+
+    /// Logs and counts a limit that ended the session, and gives the last reply.
+    fn expired(&mut self, expiry: Expiry) -> Reply {
+        let stats = &self.anvil.stats;
+        self.client_slot = None;
+        match expiry {
+            Expiry::Idle => {
+                tracing::info!("idle timeout");
+                Reply::status(421, (4, 4, 2), "idle timeout")
+            }
+            Expiry::Session => {
+                InboundStats::count(&stats.session_time_exceeded);
+                tracing::info!(limit = ?self.options.max_session_time, "session time limit");
+                Reply::status(421, (4, 7, 0), "session time limit reached, closing connection")
+            }
+            Expiry::DataRate => {
+                InboundStats::count(&stats.data_too_slow);
+                tracing::info!(min_rate = self.options.min_data_rate, "data transfer too slow");
+                Reply::status(
+                    421,
+                    (4, 7, 0),
+                    format!(
+                        "message transfer too slow (below {} bytes/s), closing connection",
+                        self.options.min_data_rate
+                    ),
+                )
+            }
+        }
+    }
+
+    /// Holds back the reply to a failed AUTH for `auth_failure_delay`, so guessing is slow
+    /// even before the address is refused.
+    async fn pause_after_auth_failure(&mut self, session: &Session) {
+        let failures = session.auth_failures();
+        if failures > self.auth_failures_seen {
+            self.auth_failures_seen = failures;
+            tokio::time::sleep(self.options.auth_failure_delay).await;
         }
     }
 
