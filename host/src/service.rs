@@ -37,8 +37,9 @@ pub struct Relay {
     scheduler: JoinHandle<()>,
 }
 
-/// Hands accepted messages to the queue; answers only once they are fsync'd.
-struct QueueSpool(Arc<Queue>);
+/// Hands accepted messages to the queue; answers only once they are fsync'd. Messages are
+/// written to the spool's `tmp/` as they arrive.
+pub struct QueueSpool(pub Arc<Queue>);
 
 impl Spool for QueueSpool {
     fn accept(
@@ -51,12 +52,18 @@ impl Spool for QueueSpool {
                 mail_from: submission.mail_from,
                 rcpts: submission.rcpts,
                 body: submission.body,
+                staged: submission.staged.map(|staged| staged.path),
                 requiretls: submission.requiretls,
                 // RFC 8689 §5: with REQUIRETLS the header is ignored.
                 tls_required_no: submission.tls_required_no && !submission.requiretls,
             };
             queue.accept_durably(message).await.map_err(|e| e.to_string())
         })
+    }
+
+    /// Messages go to the spool's `tmp/` as they arrive.
+    fn stage(&self) -> Option<Result<(std::path::PathBuf, std::fs::File), String>> {
+        self.0.stage_body().map(|staged| staged.map_err(|e| e.to_string()))
     }
 }
 

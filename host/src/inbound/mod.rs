@@ -31,10 +31,12 @@ mod auth;
 mod net;
 mod protocol;
 mod server;
+mod staging;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -273,7 +275,11 @@ pub struct Submission {
     pub rcpts: Vec<String>,
     /// The message, dot-unstuffed, with the server's `Received:` line prepended. Line ends
     /// are as the client sent them (normally CRLF); the outbound dot-stuffer normalises them.
+    /// Empty when the message is in `staged`.
     pub body: Vec<u8>,
+    /// The message (same form as `body`) in a file from [`Spool::stage`], written as it
+    /// arrived; set only when the spool offers staging.
+    pub staged: Option<StagedBody>,
     /// `MAIL FROM:<..> REQUIRETLS` was given (only possible over TLS; RFC 8689 §4).
     pub requiretls: bool,
     /// The header block holds `TLS-Required: No` (RFC 8689 §5). When `requiretls` is also
@@ -287,6 +293,16 @@ pub struct Submission {
     pub authenticated_as: Option<String>,
     /// When the final dot was received.
     pub received_at: SystemTime,
+}
+
+/// A message the server wrote to a file from [`Spool::stage`] as it arrived.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct StagedBody {
+    /// The file: complete, closed, not fsync'd. [`Spool::accept`] takes it over; when accept
+    /// fails the server removes it if it is still there.
+    pub path: PathBuf,
+    /// Its length in bytes, the `Received:` line included.
+    pub len: u64,
 }
 
 /// Where accepted messages go: the queue implements this.
@@ -304,4 +320,12 @@ pub trait Spool: Send + Sync + 'static {
         &self,
         submission: Submission,
     ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
+
+    /// A new empty file where the server writes a message as it arrives, so that no message
+    /// is held in memory whole; it comes back in [`Submission::staged`]. `None` (the
+    /// default): the spool takes messages in memory. Blocking; the server calls it off the
+    /// async workers.
+    fn stage(&self) -> Option<Result<(PathBuf, std::fs::File), String>> {
+        None
+    }
 }

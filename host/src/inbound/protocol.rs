@@ -465,7 +465,10 @@ pub enum Action {
 pub struct PendingSubmission {
     mail_from: String,
     rcpts: Vec<String>,
+    /// What the session still holds of the message (all of it unless the connection layer
+    /// took the rest as it arrived).
     body: Vec<u8>,
+    size: usize,
     requiretls: bool,
     tls_required_no: bool,
     trace: Trace,
@@ -485,7 +488,34 @@ struct Trace {
 impl PendingSubmission {
     /// The message size in bytes, without the `Received:` line.
     pub fn size(&self) -> usize {
-        self.body.len()
+        self.size
+    }
+
+    /// Takes what the session still holds of the message: the end of one whose start went to
+    /// the spool as it arrived ([`Session::take_body`]).
+    pub fn take_body(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.body)
+    }
+
+    /// The submission for a message written to the spool's staging file as it arrived, its
+    /// `Received:` line first ([`Session::received_header`]).
+    pub fn into_staged_submission(
+        self,
+        received_at: SystemTime,
+        staged: super::StagedBody,
+    ) -> Submission {
+        Submission {
+            mail_from: self.mail_from,
+            rcpts: self.rcpts,
+            body: Vec::new(),
+            staged: Some(staged),
+            requiretls: self.requiretls,
+            tls_required_no: self.tls_required_no,
+            client: self.trace.client,
+            tls: self.trace.tls.is_some(),
+            authenticated_as: self.trace.authenticated_as,
+            received_at,
+        }
     }
 
     /// The recipients.
@@ -504,6 +534,7 @@ impl PendingSubmission {
             mail_from: self.mail_from,
             rcpts: self.rcpts,
             body,
+            staged: None,
             requiretls: self.requiretls,
             tls_required_no: self.tls_required_no,
             client: self.trace.client,
@@ -520,7 +551,7 @@ impl fmt::Debug for PendingSubmission {
         f.debug_struct("PendingSubmission")
             .field("mail_from", &self.mail_from)
             .field("rcpts", &self.rcpts)
-            .field("size", &self.body.len())
+            .field("size", &self.size)
             .field("requiretls", &self.requiretls)
             .field("tls_required_no", &self.tls_required_no)
             .field("trace", &self.trace)
@@ -619,6 +650,11 @@ pub fn tls_required_no(message: &[u8]) -> bool {
     found | finish(current)
 }
 
+/// How much of the start of a message is kept to look at its header block (`TLS-Required:`)
+/// when the rest goes to the spool as it arrives. A header block longer than this is unusual;
+/// a field beyond it is not seen, which can only make the relay stricter.
+const HEAD_MAX: usize = 64 * 1024;
+
 /// Decodes the message after `354`: strips the stuffed dots (RFC 5321 §4.5.2), stops after
 /// `CRLF . CRLF`, and stops storing (but not reading) once the size limit is passed.
 ///
@@ -626,7 +662,12 @@ pub fn tls_required_no(message: &[u8]) -> bool {
 #[derive(Clone, Debug)]
 pub struct BodyDecoder {
     state: DotState,
+    /// Decoded bytes not yet taken ([`take_body`](Self::take_body)).
     body: Vec<u8>,
+    /// Decoded bytes so far, taken or not.
+    size: usize,
+    /// The first [`HEAD_MAX`] decoded bytes, where the header block is looked at.
+    head: Vec<u8>,
     max_size: usize,
     overflow: bool,
     done: bool,
@@ -667,6 +708,8 @@ impl BodyDecoder {
         BodyDecoder {
             state: DotState::LineStart,
             body: Vec::new(),
+            size: 0,
+            head: Vec::new(),
             max_size,
             overflow: false,
             done: false,
@@ -743,10 +786,16 @@ impl BodyDecoder {
         if self.overflow {
             return;
         }
-        if self.body.len() + bytes.len() > self.max_size {
+        if self.size + bytes.len() > self.max_size {
             self.overflow = true;
             self.body = Vec::new();
+            self.head = Vec::new();
         } else {
+            self.size += bytes.len();
+            if self.head.len() < HEAD_MAX {
+                let keep = bytes.len().min(HEAD_MAX - self.head.len());
+                self.head.extend_from_slice(&bytes[..keep]);
+            }
             self.body.extend_from_slice(bytes);
         }
     }
@@ -771,9 +820,24 @@ impl BodyDecoder {
         self.consumed
     }
 
-    /// The message, or `None` if it passed the size limit.
+    /// The message (what was not taken yet), or `None` if it passed the size limit.
     pub fn into_body(self) -> Option<Vec<u8>> {
         (!self.overflow).then_some(self.body)
+    }
+
+    /// Takes the bytes decoded so far, so that they can go to disk instead of piling up.
+    pub fn take_body(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.body)
+    }
+
+    /// Bytes decoded so far, taken or not.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The start of the message (up to 64 KiB), where its header block is.
+    pub fn head(&self) -> &[u8] {
+        &self.head
     }
 }
 
@@ -1182,6 +1246,8 @@ impl Session {
         };
         let transaction = self.transaction.take()?;
         let found = decoder.findings();
+        let size = decoder.size();
+        let tls_required_no = tls_required_no(decoder.head());
         let Some(body) = decoder.into_body() else {
             self.reply(Reply::status(552, (5, 3, 4), "message size exceeds the limit"));
             return None;
@@ -1198,23 +1264,47 @@ impl Session {
             ));
             return None;
         }
-        let helo = self.helo.as_ref();
         self.phase = Phase::Spooling;
         Some(PendingSubmission {
-            tls_required_no: tls_required_no(&body),
+            tls_required_no,
             mail_from: transaction.from,
             rcpts: transaction.rcpts,
             body,
+            size,
             requiretls: transaction.requiretls,
-            trace: Trace {
-                client: self.client,
-                helo: helo.map(|h| h.name.clone()).unwrap_or_default(),
-                extended: helo.is_some_and(|h| h.extended),
-                hostname: self.options.hostname.clone(),
-                tls: self.tls.clone(),
-                authenticated_as: self.authenticated_as.clone(),
-            },
+            trace: self.trace(),
         })
+    }
+
+    fn trace(&self) -> Trace {
+        let helo = self.helo.as_ref();
+        Trace {
+            client: self.client,
+            helo: helo.map(|h| h.name.clone()).unwrap_or_default(),
+            extended: helo.is_some_and(|h| h.extended),
+            hostname: self.options.hostname.clone(),
+            tls: self.tls.clone(),
+            authenticated_as: self.authenticated_as.clone(),
+        }
+    }
+
+    /// In DATA: the `Received:` line for the message being received, dated `at`. A
+    /// connection layer that writes the message to disk as it arrives writes this first
+    /// (Postfix too dates it before the message is complete).
+    pub fn received_header(&self, at: SystemTime) -> Option<String> {
+        match (&self.phase, &self.transaction) {
+            (Phase::Data(_), Some(t)) => Some(received_header(&self.trace(), &t.rcpts, at)),
+            _ => None,
+        }
+    }
+
+    /// In DATA: takes the bytes of the message decoded so far (see
+    /// [`BodyDecoder::take_body`]). Outside DATA: nothing.
+    pub fn take_body(&mut self) -> Vec<u8> {
+        match &mut self.phase {
+            Phase::Data(decoder) => decoder.take_body(),
+            _ => Vec::new(),
+        }
     }
 
     fn starttls(&mut self) -> Option<Action> {

@@ -18,8 +18,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::anvil::{Anvil, ClientSlot, InboundStats};
-use super::protocol::{Action, Reply, Session};
-use super::{InboundOptions, Spool};
+use super::protocol::{Action, PendingSubmission, Reply, Session};
+use super::staging::{self, Sink};
+use super::{InboundOptions, Spool, Submission};
 
 /// Size of one read from a client.
 const READ_CHUNK: usize = 16 * 1024;
@@ -97,6 +98,7 @@ pub async fn serve_with(
                     started: Instant::now(),
                     data_started: None,
                     auth_failures_seen: 0,
+                    sink: Sink::Undecided,
                 };
                 let span = tracing::info_span!("inbound", %client);
                 connections.spawn(
@@ -146,6 +148,8 @@ struct Connection {
     data_started: Option<Instant>,
     /// AUTH failures already paused for.
     auth_failures_seen: u32,
+    /// Where the message in DATA goes as it arrives.
+    sink: Sink,
 }
 
 /// Why the server ends a session on its own.
@@ -166,6 +170,14 @@ enum Ended<S> {
 
 impl Connection {
     async fn run(mut self, stream: TcpStream) {
+        self.run_session(stream).await;
+        // A message cut off mid-DATA leaves its staging file.
+        if let Sink::File(staging) = std::mem::replace(&mut self.sink, Sink::Undecided) {
+            staging.discard().await;
+        }
+    }
+
+    async fn run_session(&mut self, stream: TcpStream) {
         tracing::debug!("connection accepted");
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
@@ -218,6 +230,7 @@ impl Connection {
             match session.next_action() {
                 Action::Read => {
                     self.pause_after_auth_failure(session).await;
+                    self.stream_body(session).await;
                     if !self.flush(&mut stream, session, &mut out).await {
                         return Ended::Closed;
                     }
@@ -269,8 +282,15 @@ impl Connection {
                     self.data_started = None;
                     let rcpts = pending.rcpts().len();
                     let size = pending.size();
-                    let submission = pending.into_submission(SystemTime::now());
+                    let Some(submission) = self.submission(*pending).await else {
+                        session.submitted(&Err("the message could not be staged".to_owned()));
+                        continue;
+                    };
+                    let staged = submission.staged.as_ref().map(|s| s.path.clone());
                     let result = self.spool.accept(submission).await;
+                    if let (Err(_), Some(path)) = (&result, staged) {
+                        staging::remove(path).await;
+                    }
                     match &result {
                         Ok(queue_id) => {
                             tracing::info!(%queue_id, rcpts, size, "message accepted")
@@ -288,6 +308,74 @@ impl Connection {
                         let _ = stream.shutdown().await;
                     }
                     return Ended::Closed;
+                }
+            }
+        }
+    }
+
+    /// Moves the message in DATA, as far as it has arrived, to its staging file (opened at the
+    /// first bytes, with the `Received:` line first); throws away the file of a message that
+    /// ended without being submitted (refused for its size or content).
+    async fn stream_body(&mut self, session: &mut Session) {
+        if session.data_received().is_none() {
+            match std::mem::replace(&mut self.sink, Sink::Undecided) {
+                Sink::File(staging) => staging.discard().await,
+                Sink::Memory => self.sink = Sink::Memory,
+                Sink::Undecided | Sink::Failed => {}
+            }
+            return;
+        }
+        if matches!(self.sink, Sink::Undecided) {
+            self.sink = Sink::open(&self.spool).await;
+            if let Sink::File(staging) = &mut self.sink {
+                let header = session.received_header(SystemTime::now()).unwrap_or_default();
+                if let Err(error) = staging.write(header.as_bytes()).await {
+                    self.staging_failed(error).await;
+                }
+            }
+        }
+        match &mut self.sink {
+            Sink::Memory | Sink::Undecided => {}
+            Sink::Failed => drop(session.take_body()),
+            Sink::File(staging) => {
+                if let Err(error) = staging.write(&session.take_body()).await {
+                    self.staging_failed(error).await;
+                }
+            }
+        }
+    }
+
+    async fn staging_failed(&mut self, error: std::io::Error) {
+        tracing::warn!(%error, "cannot write a message body to the spool");
+        if let Sink::File(staging) = std::mem::replace(&mut self.sink, Sink::Failed) {
+            staging.discard().await;
+        }
+    }
+
+    /// The complete message for the spool: its staging file finished with the last bytes,
+    /// or in memory. `None` if staging failed (the client is told `451`).
+    async fn submission(&mut self, mut pending: PendingSubmission) -> Option<Submission> {
+        let now = SystemTime::now();
+        match std::mem::replace(&mut self.sink, Sink::Undecided) {
+            Sink::Undecided => Some(pending.into_submission(now)),
+            Sink::Memory => {
+                self.sink = Sink::Memory;
+                Some(pending.into_submission(now))
+            }
+            Sink::Failed => None,
+            Sink::File(mut staging) => {
+                if let Err(error) = staging.write(&pending.take_body()).await {
+                    tracing::warn!(%error, "cannot write a message body to the spool");
+                    staging.discard().await;
+                    return None;
+                }
+                match staging.finish().await {
+                    Ok(staged) => Some(pending.into_staged_submission(now, staged)),
+                    Err((error, path)) => {
+                        tracing::warn!(%error, "cannot write a message body to the spool");
+                        staging::remove(path).await;
+                        None
+                    }
                 }
             }
         }
