@@ -7,7 +7,8 @@
 //! never become an open relay by misconfiguring a domain list.
 //!
 //! A `250` after the final dot is a promise to deliver, so the server sends it only after
-//! [`Spool::accept`] has returned, and that method returns only once the message is durable.
+//! [`Spool::accept`] has returned, and that method returns only once the message is durable
+//! (a message written to a staging file as it arrived is fsync'd and renamed by the spool).
 //! A spool failure is a `451 4.3.0` and the client keeps its copy.
 //!
 //! # Layout
@@ -16,15 +17,20 @@
 //!   into [`Reply`] values and [`Action`]s (bounded command lines, MAIL and RCPT paths and
 //!   parameters, the transaction state machine, AUTH exchanges, the DATA body decoder with
 //!   dot-unstuffing and the size limit, `TLS-Required: No` detection, the `Received:` line).
-//! - `server`: [`serve`] runs it on Tokio: the accept loop with its connection cap, one task
-//!   per connection with an idle timeout, one write per batch of pipelined replies, the
-//!   STARTTLS switch as a change of stream type, and the call to the [`Spool`].
+//! - `server`: [`serve`] runs it on Tokio: the accept loop with its connection caps, one task
+//!   per connection with its time limits (idle, session, DATA rate), one write per batch of
+//!   pipelined replies, the STARTTLS switch as a change of stream type, and the call to the
+//!   [`Spool`].
+//! - `anvil`: [`Anvil`], what is known about each client address across connections
+//!   (connections open, connections per minute, AUTH failures), and the limits' counters.
+//! - `staging`: the message written to the spool's staging file as it arrives
+//!   ([`Spool::stage`]), so memory does not grow with message size.
 //! - `net`: [`IpNet`], the CIDR blocks of [`InboundOptions::relay_networks`].
 //! - `auth`: the password hash format of [`InboundOptions::credentials`] ([`hash_password`])
 //!   and the base64 of AUTH exchanges.
 //!
-//! Dependencies point down: `server` → `protocol` → (`net`, `auth`, `crate::smtp`). Nothing
-//! here depends on the queue; the queue implements [`Spool`].
+//! Dependencies point down: `server` → (`staging`, `protocol` → (`anvil`, `net`, `auth`,
+//! `crate::smtp`)). Nothing here depends on the queue; the queue implements [`Spool`].
 
 mod anvil;
 mod auth;
