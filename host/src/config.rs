@@ -910,6 +910,30 @@ mod tests {
         assert!(err.contains("delivery.routes.\"a.example\": `10.0.0.5:25` is not"), "{err}");
     }
 
+    /// The inbound limits of the example file reach the server's options; defaults match the
+    /// server's own; `limit_exempt_networks = []` limits everyone.
+    #[test]
+    fn inbound_limits_parse() {
+        let example = include_str!("../../examples/relay.toml");
+        let config = Config::parse(example, Path::new("examples/relay.toml")).unwrap();
+        let o = config.inbound.options("relay.example").unwrap();
+        assert_eq!((o.max_connections_per_client, o.max_connection_rate_per_client), (10, 60));
+        assert_eq!(o.max_session_time, Duration::from_secs(3600));
+        assert_eq!((o.min_data_rate, o.data_rate_grace), (1024, Duration::from_secs(30)));
+        assert_eq!((o.auth_failure_limit, o.max_errors), (10, 20));
+        assert_eq!(o.auth_failure_delay, Duration::from_secs(1));
+        assert_eq!(o.bare_newline, crate::inbound::BareNewline::Normalize);
+        let defaults = Config::parse("", Path::new("relay.toml")).unwrap();
+        let d = defaults.inbound.options("relay.example").unwrap();
+        let server = crate::inbound::InboundOptions::default();
+        assert_eq!(d.auth_failure_window, server.auth_failure_window);
+        assert_eq!(d.limit_exempt_networks, None);
+        let text = "[inbound]\nlimit_exempt_networks = []\nbare_newline = \"reject\"\n";
+        let o = Config::parse(text, Path::new("relay.toml")).unwrap().inbound.options("x").unwrap();
+        assert!(!o.limit_exempt("127.0.0.1".parse().unwrap()));
+        assert_eq!(o.bare_newline, crate::inbound::BareNewline::Reject);
+    }
+
     #[test]
     fn paths_are_relative_to_the_file_and_settings_become_json() {
         let text = "[[policy]]\nname = \"forced\"\npath = \"p/forced.wasm\"\n[policy.settings.domains]\n\"a.example\" = \"verify\"\n";
