@@ -178,3 +178,33 @@ async fn refused_or_abandoned_messages_leave_no_file() {
     assert!(server.queue.store().list().unwrap().is_empty());
     assert!(server.accepted.try_recv().is_err());
 }
+
+/// A message refused at its dot with the next one pipelined behind it in the same write: the
+/// second message is stored exactly, nothing of the first's staging file leaks into it.
+#[tokio::test]
+async fn a_refused_message_never_leaks_into_the_next_one() {
+    let mut server = start(InboundOptions { max_message_size: 100_000, ..options() }).await;
+    let mut s = in_data(server.addr).await;
+    let line = b"0123456789abcdef0123456789abcdef\r\n";
+    s.write_all(&line.repeat(1500)).await.unwrap();
+    server.staged.recv().await.unwrap();
+    let mut rest = line.repeat(1500);
+    rest.extend_from_slice(
+        b".\r\nMAIL FROM:<b@example.test>\r\nRCPT TO:<y@example.net>\r\nDATA\r\n",
+    );
+    let second = b"Subject: second\r\n\r\nonly this\r\n";
+    rest.extend_from_slice(second);
+    rest.extend_from_slice(b".\r\n");
+    s.write_all(&rest).await.unwrap();
+    assert_eq!(reply(&mut s).await, "552 5.3.4 message size exceeds the limit");
+    assert!(reply(&mut s).await.starts_with("250"));
+    assert!(reply(&mut s).await.starts_with("250"));
+    assert!(reply(&mut s).await.starts_with("354"));
+    let done = reply(&mut s).await;
+    assert!(done.starts_with("250 2.0.0 message accepted"), "{done}");
+    let id = done.rsplit(' ').next().unwrap();
+    let stored = server.queue.store().body(id).unwrap();
+    assert!(stored.starts_with(b"Received: from client.test"));
+    let after_received = stored.windows(8).position(|w| w == b" +0000\r\n").unwrap() + 8;
+    assert_eq!(&stored[after_received..], second, "{}", String::from_utf8_lossy(&stored));
+}

@@ -463,6 +463,8 @@ pub enum Action {
 
 /// A complete message waiting for the spool.
 pub struct PendingSubmission {
+    /// [`Session::message_number`] of this message.
+    number: u64,
     mail_from: String,
     rcpts: Vec<String>,
     /// What the session still holds of the message (all of it unless the connection layer
@@ -521,6 +523,11 @@ impl PendingSubmission {
     /// The recipients.
     pub fn rcpts(&self) -> &[String] {
         &self.rcpts
+    }
+
+    /// The [`Session::message_number`] this message had in DATA.
+    pub fn number(&self) -> u64 {
+        self.number
     }
 
     /// The submission for the spool, with a `Received:` line (RFC 5321 §4.4) for
@@ -867,6 +874,8 @@ pub struct Session {
     auth_failures: u32,
     /// Limits across connections; a session without one only has its own.
     anvil: Option<Arc<Anvil>>,
+    /// Messages whose DATA began (the current one's number while in DATA).
+    messages: u64,
 }
 
 #[derive(Debug)]
@@ -929,6 +938,7 @@ impl Session {
             errors: 0,
             auth_failures: 0,
             anvil: None,
+            messages: 0,
         }
     }
 
@@ -941,6 +951,14 @@ impl Session {
     /// Failed AUTH attempts in this session so far (the server pauses after each).
     pub fn auth_failures(&self) -> u32 {
         self.auth_failures
+    }
+
+    /// How many messages' DATA began in this session: while in DATA, the current message's
+    /// number. A connection layer that keeps something per message (a staging file) tells by
+    /// it that the message it kept it for has ended, even when the next one began in the
+    /// same batch of input.
+    pub fn message_number(&self) -> u64 {
+        self.messages
     }
 
     /// Bytes of the message received so far, while in DATA; `None` outside DATA.
@@ -1233,6 +1251,7 @@ impl Session {
                 self.error(Reply::status(554, (5, 5, 1), "no valid recipients"))
             }
             Some(_) => {
+                self.messages += 1;
                 self.phase = Phase::Data(BodyDecoder::new(self.options.max_message_size));
                 self.reply(Reply::plain(354, vec!["end data with <CR><LF>.<CR><LF>".to_owned()]));
                 None
@@ -1266,6 +1285,7 @@ impl Session {
         }
         self.phase = Phase::Spooling;
         Some(PendingSubmission {
+            number: self.messages,
             tls_required_no,
             mail_from: transaction.from,
             rcpts: transaction.rcpts,

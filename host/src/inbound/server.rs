@@ -144,8 +144,8 @@ struct Connection {
     client_slot: Option<ClientSlot>,
     /// When the connection was accepted (`max_session_time`).
     started: Instant,
-    /// When the current message's DATA began (`min_data_rate`).
-    data_started: Option<Instant>,
+    /// The number and start of the message in DATA (`min_data_rate`).
+    data_started: Option<(u64, Instant)>,
     /// AUTH failures already paused for.
     auth_failures_seen: u32,
     /// Where the message in DATA goes as it arrives.
@@ -235,11 +235,12 @@ impl Connection {
                         return Ended::Closed;
                     }
                     let data_received = session.data_received();
-                    match (data_received, self.data_started) {
-                        (Some(_), None) => self.data_started = Some(Instant::now()),
-                        (None, Some(_)) => self.data_started = None,
-                        _ => {}
-                    }
+                    let number = session.message_number();
+                    self.data_started = match (data_received, self.data_started) {
+                        (Some(_), Some((n, at))) if n == number => Some((n, at)),
+                        (Some(_), _) => Some((number, Instant::now())),
+                        (None, _) => None,
+                    };
                     let (deadline, expiry) = self.read_deadline(data_received);
                     let read = if deadline <= Instant::now() {
                         Err(expiry)
@@ -317,16 +318,21 @@ impl Connection {
     /// first bytes, with the `Received:` line first); throws away the file of a message that
     /// ended without being submitted (refused for its size or content).
     async fn stream_body(&mut self, session: &mut Session) {
-        if session.data_received().is_none() {
-            match std::mem::replace(&mut self.sink, Sink::Undecided) {
-                Sink::File(staging) => staging.discard().await,
-                Sink::Memory => self.sink = Sink::Memory,
-                Sink::Undecided | Sink::Failed => {}
+        let current = session.data_received().map(|_| session.message_number());
+        // What was kept for a message that has ended without being submitted (refused at its
+        // dot, perhaps with the next message begun in the same batch) goes.
+        match &self.sink {
+            Sink::File(staging) if Some(staging.message) != current => {
+                if let Sink::File(staging) = std::mem::replace(&mut self.sink, Sink::Undecided) {
+                    staging.discard().await;
+                }
             }
-            return;
+            Sink::Failed(n) if Some(*n) != current => self.sink = Sink::Undecided,
+            _ => {}
         }
+        let Some(number) = current else { return };
         if matches!(self.sink, Sink::Undecided) {
-            self.sink = Sink::open(&self.spool).await;
+            self.sink = Sink::open(&self.spool, number).await;
             if let Sink::File(staging) = &mut self.sink {
                 let header = session.received_header(SystemTime::now()).unwrap_or_default();
                 if let Err(error) = staging.write(header.as_bytes()).await {
@@ -336,7 +342,7 @@ impl Connection {
         }
         match &mut self.sink {
             Sink::Memory | Sink::Undecided => {}
-            Sink::Failed => drop(session.take_body()),
+            Sink::Failed(_) => drop(session.take_body()),
             Sink::File(staging) => {
                 if let Err(error) = staging.write(&session.take_body()).await {
                     self.staging_failed(error).await;
@@ -347,22 +353,30 @@ impl Connection {
 
     async fn staging_failed(&mut self, error: std::io::Error) {
         tracing::warn!(%error, "cannot write a message body to the spool");
-        if let Sink::File(staging) = std::mem::replace(&mut self.sink, Sink::Failed) {
+        if let Sink::File(staging) = std::mem::replace(&mut self.sink, Sink::Undecided) {
+            self.sink = Sink::Failed(staging.message);
             staging.discard().await;
         }
     }
 
     /// The complete message for the spool: its staging file finished with the last bytes,
-    /// or in memory. `None` if staging failed (the client is told `451`).
+    /// or in memory (a spool without staging, or a message that began and ended within one
+    /// batch of input, so it is small). `None` if staging failed (the client is told `451`).
     async fn submission(&mut self, mut pending: PendingSubmission) -> Option<Submission> {
         let now = SystemTime::now();
+        let number = pending.number();
         match std::mem::replace(&mut self.sink, Sink::Undecided) {
             Sink::Undecided => Some(pending.into_submission(now)),
             Sink::Memory => {
                 self.sink = Sink::Memory;
                 Some(pending.into_submission(now))
             }
-            Sink::Failed => None,
+            Sink::Failed(n) if n == number => None,
+            Sink::Failed(_) => Some(pending.into_submission(now)),
+            Sink::File(staging) if staging.message != number => {
+                staging.discard().await;
+                Some(pending.into_submission(now))
+            }
             Sink::File(mut staging) => {
                 if let Err(error) = staging.write(&pending.take_body()).await {
                     tracing::warn!(%error, "cannot write a message body to the spool");
@@ -390,7 +404,7 @@ impl Connection {
         if !o.max_session_time.is_zero() {
             deadline = deadline.min((self.started + o.max_session_time, Expiry::Session));
         }
-        if let (Some(received), Some(started), true) =
+        if let (Some(received), Some((_, started)), true) =
             (received, self.data_started, o.min_data_rate > 0)
         {
             let earned = Duration::from_secs_f64(received as f64 / f64::from(o.min_data_rate));

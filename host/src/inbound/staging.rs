@@ -26,12 +26,15 @@ pub(super) enum Sink {
     Memory,
     /// A staging file.
     File(Staging),
-    /// Staging failed for this message: its bytes are dropped and it is answered `451`.
-    Failed,
+    /// Staging failed for the message of this number: its bytes are dropped and it is
+    /// answered `451`.
+    Failed(u64),
 }
 
 /// An open staging file.
 pub(super) struct Staging {
+    /// The session's number of the message being written.
+    pub(super) message: u64,
     path: PathBuf,
     /// `None` only if a write task was lost (then every later write fails).
     file: Option<std::fs::File>,
@@ -40,21 +43,21 @@ pub(super) struct Staging {
 }
 
 impl Sink {
-    /// Asks the spool for a staging file, off the async workers.
-    pub(super) async fn open(spool: &Arc<dyn Spool>) -> Sink {
+    /// Asks the spool for a staging file for message number `message`, off the async workers.
+    pub(super) async fn open(spool: &Arc<dyn Spool>, message: u64) -> Sink {
         let spool = spool.clone();
         match tokio::task::spawn_blocking(move || spool.stage()).await {
             Ok(None) => Sink::Memory,
             Ok(Some(Ok((path, file)))) => {
-                Sink::File(Staging { path, file: Some(file), len: 0, pending: Vec::new() })
+                Sink::File(Staging { message, path, file: Some(file), len: 0, pending: Vec::new() })
             }
             Ok(Some(Err(reason))) => {
                 tracing::warn!(%reason, "cannot stage a message body");
-                Sink::Failed
+                Sink::Failed(message)
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot stage a message body");
-                Sink::Failed
+                Sink::Failed(message)
             }
         }
     }
