@@ -246,3 +246,44 @@ fn queue_json(state: &AdminState, id: Option<&str>) -> String {
             .map_or_else(|| "null".to_owned(), |e| to_json(e).to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::{Anvil, InboundStats};
+
+    /// The inbound limits' counters (AUTH failures across connections among them) are on
+    /// `/metrics`.
+    #[tokio::test]
+    async fn inbound_limit_counters_are_exported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config::default();
+        config.policy_engine.cache_dir = dir.path().join("cache");
+        let engine = crate::policy::engine_from_config(&config).unwrap();
+        let chain = crate::policy::load_chain(&engine, &config, crate::policy::StateMode::Snapshot)
+            .unwrap();
+        let store = crate::queue::store::SpoolDir::open(dir.path().join("spool")).unwrap();
+        let inbound = Arc::new(Anvil::default());
+        for _ in 0..3 {
+            InboundStats::count(&inbound.stats.auth_failures);
+        }
+        InboundStats::count(&inbound.stats.auth_refused);
+        InboundStats::count(&inbound.stats.refused_per_client);
+        let state = AdminState {
+            queue: Queue::new(Arc::new(store), crate::queue::QueueOptions::default()),
+            chains: Arc::new(ChainHandle::new(chain)),
+            deliverer: crate::delivery::Deliverer::from_config(&config).unwrap(),
+            inbound,
+        };
+        let text = metrics(&state);
+        for line in [
+            "postwarden_inbound_auth_failures_total 3",
+            "postwarden_inbound_auth_refused_total 1",
+            "postwarden_inbound_connections_refused_total{limit=\"per_client\"} 1",
+            "postwarden_inbound_connections_refused_total{limit=\"rate\"} 0",
+            "postwarden_inbound_sessions_closed_total{limit=\"session_time\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+    }
+}
