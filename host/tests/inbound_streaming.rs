@@ -117,7 +117,8 @@ fn tmp_files(dir: &Path) -> usize {
 
 /// The spool hands out a staging file while the message is still arriving (the event below
 /// comes before the final dot is sent); the queue ends up with exactly the message, its
-/// `Received:` line first, and `TLS-Required: No` is still seen in the header block.
+/// `Received:` line first, and `TLS-Required: No` is still seen in the header block. A small
+/// message stays in memory and never needs a staging file.
 #[tokio::test]
 async fn a_message_is_written_to_the_spool_as_it_arrives() {
     let mut server = start(options()).await;
@@ -146,6 +147,16 @@ async fn a_message_is_written_to_the_spool_as_it_arrives() {
     assert!(stored.ends_with(&message), "the stored body is the message after its Received line");
     assert!(server.queue.store().envelope(&id).unwrap().tls_required_no);
     assert_eq!(tmp_files(server.dir.path()), 0, "the staging file was renamed into place");
+
+    let small = cmd(&mut s, "MAIL FROM:<a@example.test>").await;
+    assert!(small.starts_with("250"), "{small}");
+    assert!(cmd(&mut s, "RCPT TO:<x@example.net>").await.starts_with("250"));
+    assert!(cmd(&mut s, "DATA").await.starts_with("354"));
+    assert!(cmd(&mut s, "Subject: small\r\n\r\nhi\r\n.").await.starts_with("250 2.0.0"));
+    let submission = server.accepted.recv().await.unwrap();
+    assert!(submission.staged.is_none());
+    assert!(submission.body.ends_with(b"Subject: small\r\n\r\nhi\r\n"));
+    assert!(server.staged.try_recv().is_err());
 }
 
 /// A message refused at the final dot (too large, or holding NUL), and one whose client went
@@ -160,13 +171,13 @@ async fn refused_or_abandoned_messages_leave_no_file() {
     assert_eq!(cmd(&mut s, "MAIL FROM:<a@example.test>").await, "250 2.1.0 sender ok");
     assert!(cmd(&mut s, "RCPT TO:<x@example.net>").await.starts_with("250"));
     assert!(cmd(&mut s, "DATA").await.starts_with("354"));
-    s.write_all(&b"Subject: nul\r\n\r\n".repeat(500)).await.unwrap();
+    s.write_all(&b"Subject: nul\r\n\r\n".repeat(4500)).await.unwrap();
     s.write_all(b"a\0b\r\n").await.unwrap();
     server.staged.recv().await.unwrap();
     assert_eq!(cmd(&mut s, ".").await, "554 5.6.0 message contains NUL characters");
 
     let mut gone = in_data(server.addr).await;
-    gone.write_all(&b"x".repeat(50_000)).await.unwrap();
+    gone.write_all(&b"x".repeat(80_000)).await.unwrap();
     server.staged.recv().await.unwrap();
     drop(gone);
     drop(s);
@@ -186,9 +197,9 @@ async fn a_refused_message_never_leaks_into_the_next_one() {
     let mut server = start(InboundOptions { max_message_size: 100_000, ..options() }).await;
     let mut s = in_data(server.addr).await;
     let line = b"0123456789abcdef0123456789abcdef\r\n";
-    s.write_all(&line.repeat(1500)).await.unwrap();
+    s.write_all(&line.repeat(2000)).await.unwrap();
     server.staged.recv().await.unwrap();
-    let mut rest = line.repeat(1500);
+    let mut rest = line.repeat(1000);
     rest.extend_from_slice(
         b".\r\nMAIL FROM:<b@example.test>\r\nRCPT TO:<y@example.net>\r\nDATA\r\n",
     );

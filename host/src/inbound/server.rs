@@ -314,9 +314,10 @@ impl Connection {
         }
     }
 
-    /// Moves the message in DATA, as far as it has arrived, to its staging file (opened at the
-    /// first bytes, with the `Received:` line first); throws away the file of a message that
-    /// ended without being submitted (refused for its size or content).
+    /// Moves the message in DATA, as far as it has arrived, to its staging file (opened once
+    /// [`staging::STAGE_AFTER`] bytes have arrived, with the `Received:` line first); throws
+    /// away the file of a message that ended without being submitted (refused for its size or
+    /// content).
     async fn stream_body(&mut self, session: &mut Session) {
         let current = session.data_received().map(|_| session.message_number());
         // What was kept for a message that has ended without being submitted (refused at its
@@ -331,6 +332,11 @@ impl Connection {
             _ => {}
         }
         let Some(number) = current else { return };
+        if matches!(self.sink, Sink::Undecided)
+            && session.data_received().unwrap_or(0) < staging::STAGE_AFTER
+        {
+            return;
+        }
         if matches!(self.sink, Sink::Undecided) {
             self.sink = Sink::open(&self.spool, number).await;
             if let Sink::File(staging) = &mut self.sink {

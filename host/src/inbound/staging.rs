@@ -18,6 +18,10 @@ use super::{Spool, StagedBody};
 /// Bytes gathered before a write to the file.
 const WRITE_AT: usize = 256 * 1024;
 
+/// A message stays in memory until this much of it has arrived: most mail is smaller, and
+/// then costs no extra trips to the blocking pool (the committer writes it as before).
+pub(super) const STAGE_AFTER: u64 = 64 * 1024;
+
 /// Where the current message's bytes go.
 pub(super) enum Sink {
     /// Not decided yet for this message.
