@@ -837,7 +837,7 @@ impl BodyDecoder {
         std::mem::take(&mut self.body)
     }
 
-    /// Bytes decoded so far, taken or not.
+    /// Bytes decoded so far, taken or not (meaningless once [`overflowed`](Self::overflowed)).
     pub fn size(&self) -> usize {
         self.size
     }
@@ -1737,6 +1737,28 @@ mod tests {
     }
 
     #[test]
+    fn body_findings() {
+        let found = |input: &[u8]| {
+            let mut d = BodyDecoder::new(1000);
+            d.feed(input);
+            let f = d.findings();
+            (f.nul, f.bare_lf, f.bare_cr)
+        };
+        assert_eq!(found(b"a\r\nb\r\n.\r\n"), (false, false, false));
+        assert_eq!(found(b"a\nb\r\n.\r\n"), (false, true, false));
+        assert_eq!(found(b"\n\r\n.\r\n"), (false, true, false));
+        assert_eq!(found(b".\nx\r\n.\r\n"), (false, true, false));
+        assert_eq!(found(b"a\rb\r\n.\r\n"), (false, false, true));
+        assert_eq!(found(b".\rx\r\n.\r\n"), (false, false, true));
+        assert_eq!(found(b"a\r\r\n.\r\n"), (false, false, true));
+        assert_eq!(found(b"a\0\r\n.\r\n"), (true, false, false));
+        assert_eq!(found(b"\0\r\n.\r\n"), (true, false, false));
+        assert_eq!(found(b"a\r\0\r\n.\r\n"), (true, false, true));
+        // What follows the end of the data is not the message's.
+        assert_eq!(found(b"a\r\n.\r\n\0\n"), (false, false, false));
+    }
+
+    #[test]
     fn dates() {
         let at = |s: u64| rfc5322_date(UNIX_EPOCH + std::time::Duration::from_secs(s));
         assert_eq!(at(0), "Thu, 1 Jan 1970 00:00:00 +0000");
@@ -1825,7 +1847,7 @@ mod tests {
         #[test]
         fn decoding_ignores_chunk_boundaries(
             input in proptest::collection::vec(
-                prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..64),
+                prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a'), Just(0u8)], 0..64),
             split in any::<proptest::sample::Index>(),
             max in 0usize..40,
         ) {
@@ -1840,6 +1862,10 @@ mod tests {
             prop_assert_eq!(used, used_parts);
             prop_assert_eq!(whole.is_done(), parts.is_done());
             prop_assert_eq!(whole.overflowed(), parts.overflowed());
+            prop_assert_eq!(whole.findings(), parts.findings());
+            if !whole.overflowed() {
+                prop_assert_eq!(whole.size(), parts.size());
+            }
             prop_assert_eq!(whole.into_body(), parts.into_body());
         }
     }
