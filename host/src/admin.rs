@@ -27,6 +27,8 @@ pub struct AdminState {
     pub chains: Arc<ChainHandle>,
     /// The deliverer (connection counters).
     pub deliverer: Arc<crate::delivery::Deliverer>,
+    /// The inbound server's per-address state and limit counters.
+    pub inbound: Arc<crate::inbound::Anvil>,
 }
 
 /// Serves until `shutdown` turns true.
@@ -141,6 +143,35 @@ pub fn metrics(state: &AdminState) -> String {
             ("{kind=\"resumed\"}", s.tls_resumed.load(Ordering::Relaxed)),
         ],
     );
+    let i = &state.inbound.stats;
+    counter(
+        "postwarden_inbound_connections_refused_total",
+        "Inbound connections refused by a limit: the server's cap, the per-address cap, the per-address rate.",
+        &[
+            ("{limit=\"global\"}", i.refused_global.load(Ordering::Relaxed)),
+            ("{limit=\"per_client\"}", i.refused_per_client.load(Ordering::Relaxed)),
+            ("{limit=\"rate\"}", i.refused_rate.load(Ordering::Relaxed)),
+        ],
+    );
+    counter(
+        "postwarden_inbound_auth_failures_total",
+        "Failed AUTH attempts (wrong user name or password).",
+        &[("", i.auth_failures.load(Ordering::Relaxed))],
+    );
+    counter(
+        "postwarden_inbound_auth_refused_total",
+        "AUTH refused (454) because the client's address failed too often recently.",
+        &[("", i.auth_refused.load(Ordering::Relaxed))],
+    );
+    counter(
+        "postwarden_inbound_sessions_closed_total",
+        "Inbound sessions the server closed on a limit.",
+        &[
+            ("{limit=\"session_time\"}", i.session_time_exceeded.load(Ordering::Relaxed)),
+            ("{limit=\"data_rate\"}", i.data_too_slow.load(Ordering::Relaxed)),
+            ("{limit=\"errors\"}", i.too_many_errors.load(Ordering::Relaxed)),
+        ],
+    );
     let chain = state.chains.current();
     let counters = chain.counters();
     counter(
@@ -213,5 +244,46 @@ fn queue_json(state: &AdminState, id: Option<&str>) -> String {
             .iter()
             .find(|e| e.id == id)
             .map_or_else(|| "null".to_owned(), |e| to_json(e).to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::{Anvil, InboundStats};
+
+    /// The inbound limits' counters (AUTH failures across connections among them) are on
+    /// `/metrics`.
+    #[tokio::test]
+    async fn inbound_limit_counters_are_exported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config::default();
+        config.policy_engine.cache_dir = dir.path().join("cache");
+        let engine = crate::policy::engine_from_config(&config).unwrap();
+        let chain = crate::policy::load_chain(&engine, &config, crate::policy::StateMode::Snapshot)
+            .unwrap();
+        let store = crate::queue::store::SpoolDir::open(dir.path().join("spool")).unwrap();
+        let inbound = Arc::new(Anvil::default());
+        for _ in 0..3 {
+            InboundStats::count(&inbound.stats.auth_failures);
+        }
+        InboundStats::count(&inbound.stats.auth_refused);
+        InboundStats::count(&inbound.stats.refused_per_client);
+        let state = AdminState {
+            queue: Queue::new(Arc::new(store), crate::queue::QueueOptions::default()),
+            chains: Arc::new(ChainHandle::new(chain)),
+            deliverer: crate::delivery::Deliverer::from_config(&config).unwrap(),
+            inbound,
+        };
+        let text = metrics(&state);
+        for line in [
+            "postwarden_inbound_auth_failures_total 3",
+            "postwarden_inbound_auth_refused_total 1",
+            "postwarden_inbound_connections_refused_total{limit=\"per_client\"} 1",
+            "postwarden_inbound_connections_refused_total{limit=\"rate\"} 0",
+            "postwarden_inbound_sessions_closed_total{limit=\"session_time\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -122,6 +122,87 @@ pub struct InboundConfig {
     /// A credentials file for AUTH over TLS: one `user:sha256:<salt-hex>:<hash-hex>` per line.
     #[serde(default)]
     pub credentials_file: Option<PathBuf>,
+
+    // Limits per client address, per session and on message content (the inbound side's
+    // answer to Postfix's anvil, smtpd_hard_error_limit and smtpd_forbid_bare_newline).
+    /// Most connections open at once from one client address (default 10; 0: no limit).
+    /// IPv6 addresses count by /64. Over it: `421 4.7.0`.
+    #[serde(default = "default_max_conns_per_client")]
+    pub max_connections_per_client: u32,
+    /// Most connections one client address may open per minute (default 60; 0: no limit).
+    #[serde(default = "default_max_conn_rate_per_client")]
+    pub max_connection_rate_per_client: u32,
+    /// Networks the two per-address limits do not apply to (default: `relay_networks`, as
+    /// Postfix exempts `$mynetworks`: they may send anything already, and an application that
+    /// opens a connection per message must not be throttled). `[]` limits everyone.
+    #[serde(default)]
+    pub limit_exempt_networks: Option<Vec<crate::inbound::IpNet>>,
+    /// Longest session in seconds, whatever the client does (default 3600; 0: no limit).
+    #[serde(default = "default_max_session_time")]
+    pub max_session_time: u64,
+    /// Slowest average rate of a message in DATA, bytes per second, after `data_rate_grace`
+    /// (default 1024; 0: no limit). A slower client is told `421 4.7.0`.
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate: u32,
+    /// Seconds DATA may take before `min_data_rate` applies (default 30).
+    #[serde(default = "default_data_rate_grace")]
+    pub data_rate_grace: u64,
+    /// AUTH failures from one client address, over all its connections, after which AUTH is
+    /// refused with `454 4.7.0` for the rest of `auth_failure_window` (default 10; 0: no
+    /// limit). One connection is still closed after 3 failures.
+    #[serde(default = "default_auth_failure_limit")]
+    pub auth_failure_limit: u32,
+    /// The window of `auth_failure_limit`, in seconds (default 600).
+    #[serde(default = "default_auth_failure_window")]
+    pub auth_failure_window: u64,
+    /// Pause before answering a failed AUTH, in milliseconds (default 1000).
+    #[serde(default = "default_auth_failure_delay_ms")]
+    pub auth_failure_delay_ms: u64,
+    /// Errors a session may make (syntax, sequence, denied recipients) before `421 4.7.0`
+    /// (default 20, Postfix's `smtpd_hard_error_limit`).
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u32,
+    /// A bare CR or LF in a message: `normalize` (accept; sent on as CRLF) or `reject`
+    /// (`550 5.5.2`) (default `normalize`; Postfix's `smtpd_forbid_bare_newline`). Only
+    /// `CRLF . CRLF` ends a message either way.
+    #[serde(default)]
+    pub bare_newline: crate::inbound::BareNewline,
+}
+
+fn default_max_conns_per_client() -> u32 {
+    crate::inbound::DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+}
+
+fn default_max_conn_rate_per_client() -> u32 {
+    crate::inbound::DEFAULT_MAX_CONNECTION_RATE_PER_CLIENT
+}
+
+fn default_max_session_time() -> u64 {
+    crate::inbound::DEFAULT_MAX_SESSION_TIME.as_secs()
+}
+
+fn default_min_data_rate() -> u32 {
+    crate::inbound::DEFAULT_MIN_DATA_RATE
+}
+
+fn default_data_rate_grace() -> u64 {
+    crate::inbound::DEFAULT_DATA_RATE_GRACE.as_secs()
+}
+
+fn default_auth_failure_limit() -> u32 {
+    crate::inbound::DEFAULT_AUTH_FAILURE_LIMIT
+}
+
+fn default_auth_failure_window() -> u64 {
+    crate::inbound::DEFAULT_AUTH_FAILURE_WINDOW.as_secs()
+}
+
+fn default_auth_failure_delay_ms() -> u64 {
+    crate::inbound::DEFAULT_AUTH_FAILURE_DELAY.as_millis() as u64
+}
+
+fn default_max_errors() -> u32 {
+    crate::inbound::DEFAULT_MAX_ERRORS
 }
 
 impl Default for InboundConfig {
@@ -137,6 +218,17 @@ impl Default for InboundConfig {
             tls_key: None,
             tls_self_signed: false,
             credentials_file: None,
+            max_connections_per_client: default_max_conns_per_client(),
+            max_connection_rate_per_client: default_max_conn_rate_per_client(),
+            limit_exempt_networks: None,
+            max_session_time: default_max_session_time(),
+            min_data_rate: default_min_data_rate(),
+            data_rate_grace: default_data_rate_grace(),
+            auth_failure_limit: default_auth_failure_limit(),
+            auth_failure_window: default_auth_failure_window(),
+            auth_failure_delay_ms: default_auth_failure_delay_ms(),
+            max_errors: default_max_errors(),
+            bare_newline: Default::default(),
         }
     }
 }
@@ -207,6 +299,17 @@ impl InboundConfig {
             max_recipients: self.max_recipients,
             max_connections: self.max_connections,
             idle_timeout: Duration::from_secs(self.idle_timeout),
+            max_connections_per_client: self.max_connections_per_client,
+            max_connection_rate_per_client: self.max_connection_rate_per_client,
+            limit_exempt_networks: self.limit_exempt_networks.clone(),
+            max_session_time: Duration::from_secs(self.max_session_time),
+            min_data_rate: self.min_data_rate,
+            data_rate_grace: Duration::from_secs(self.data_rate_grace),
+            auth_failure_limit: self.auth_failure_limit,
+            auth_failure_window: Duration::from_secs(self.auth_failure_window),
+            auth_failure_delay: Duration::from_millis(self.auth_failure_delay_ms),
+            max_errors: self.max_errors,
+            bare_newline: self.bare_newline,
             tls,
             credentials,
             ..Default::default()
@@ -805,6 +908,30 @@ mod tests {
         let bad = "[delivery.routes]\n\"a.example\" = \"10.0.0.5:25\"\n";
         let err = Config::parse(bad, Path::new("relay.toml")).unwrap_err().to_string();
         assert!(err.contains("delivery.routes.\"a.example\": `10.0.0.5:25` is not"), "{err}");
+    }
+
+    /// The inbound limits of the example file reach the server's options; defaults match the
+    /// server's own; `limit_exempt_networks = []` limits everyone.
+    #[test]
+    fn inbound_limits_parse() {
+        let example = include_str!("../../examples/relay.toml");
+        let config = Config::parse(example, Path::new("examples/relay.toml")).unwrap();
+        let o = config.inbound.options("relay.example").unwrap();
+        assert_eq!((o.max_connections_per_client, o.max_connection_rate_per_client), (10, 60));
+        assert_eq!(o.max_session_time, Duration::from_secs(3600));
+        assert_eq!((o.min_data_rate, o.data_rate_grace), (1024, Duration::from_secs(30)));
+        assert_eq!((o.auth_failure_limit, o.max_errors), (10, 20));
+        assert_eq!(o.auth_failure_delay, Duration::from_secs(1));
+        assert_eq!(o.bare_newline, crate::inbound::BareNewline::Normalize);
+        let defaults = Config::parse("", Path::new("relay.toml")).unwrap();
+        let d = defaults.inbound.options("relay.example").unwrap();
+        let server = crate::inbound::InboundOptions::default();
+        assert_eq!(d.auth_failure_window, server.auth_failure_window);
+        assert_eq!(d.limit_exempt_networks, None);
+        let text = "[inbound]\nlimit_exempt_networks = []\nbare_newline = \"reject\"\n";
+        let o = Config::parse(text, Path::new("relay.toml")).unwrap().inbound.options("x").unwrap();
+        assert!(!o.limit_exempt("127.0.0.1".parse().unwrap()));
+        assert_eq!(o.bare_newline, crate::inbound::BareNewline::Reject);
     }
 
     #[test]

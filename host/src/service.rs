@@ -37,8 +37,9 @@ pub struct Relay {
     scheduler: JoinHandle<()>,
 }
 
-/// Hands accepted messages to the queue; answers only once they are fsync'd.
-struct QueueSpool(Arc<Queue>);
+/// Hands accepted messages to the queue; answers only once they are fsync'd. Messages are
+/// written to the spool's `tmp/` as they arrive.
+pub struct QueueSpool(pub Arc<Queue>);
 
 impl Spool for QueueSpool {
     fn accept(
@@ -51,12 +52,18 @@ impl Spool for QueueSpool {
                 mail_from: submission.mail_from,
                 rcpts: submission.rcpts,
                 body: submission.body,
+                staged: submission.staged.map(|staged| staged.path),
                 requiretls: submission.requiretls,
                 // RFC 8689 §5: with REQUIRETLS the header is ignored.
                 tls_required_no: submission.tls_required_no && !submission.requiretls,
             };
             queue.accept_durably(message).await.map_err(|e| e.to_string())
         })
+    }
+
+    /// Messages go to the spool's `tmp/` as they arrive.
+    fn stage(&self) -> Option<Result<(std::path::PathBuf, std::fs::File), String>> {
+        self.0.stage_body().map(|staged| staged.map_err(|e| e.to_string()))
     }
 }
 
@@ -75,10 +82,12 @@ impl Relay {
         let smtp_addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let spool: Arc<dyn Spool> = Arc::new(QueueSpool(queue.clone()));
-        let inbound = tokio::spawn(crate::inbound::serve(
+        let anvil = Arc::new(crate::inbound::Anvil::default());
+        let inbound = tokio::spawn(crate::inbound::serve_with(
             listener,
             Arc::new(options),
             spool,
+            anvil.clone(),
             stopped.clone(),
         ));
         let admin_addr = match config.admin.listen {
@@ -89,6 +98,7 @@ impl Relay {
                     queue: queue.clone(),
                     chains: chains.clone(),
                     deliverer: deliverer.clone(),
+                    inbound: anvil.clone(),
                 };
                 tokio::spawn(crate::admin::serve(admin, state, stopped.clone()));
                 Some(bound)

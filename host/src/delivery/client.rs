@@ -560,6 +560,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     .collect());
             }
         }
+        // RFC 6152 §3: 8-bit data never goes to a server that does not offer 8BITMIME, and
+        // the relay does not convert (ARCHITECTURE.md, "Message content"): permanent.
+        if envelope.eight_bit
+            && !caps.eight_bit_mime
+            && let Some(reply) = synthetic(EIGHT_BIT_REFUSED)
+        {
+            return Ok(envelope.rcpts.iter().map(|_| RcptResult::Bounced(reply.clone())).collect());
+        }
         let mail = Command::Mail {
             from: envelope.mail_from.to_owned(),
             size: caps.size.is_some().then_some(envelope.size),
@@ -684,6 +692,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.spoiled |= !clean;
     }
 }
+
+/// The outcome of an 8-bit message for a next hop without 8BITMIME (RFC 3463 5.6.3:
+/// "conversion required but not supported").
+const EIGHT_BIT_REFUSED: &str =
+    "554 5.6.3 message has 8-bit content and the server does not offer 8BITMIME\r\n";
 
 /// A reply of our own making (for outcomes decided without asking the server).
 fn synthetic(text: &str) -> Option<Reply> {
@@ -999,5 +1012,69 @@ mod tests {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod eight_bit_tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// RFC 6152 §3: an 8-bit message for a server that does not offer 8BITMIME bounces with
+    /// 5.6.3 before MAIL is sent; a 7-bit one goes through the same server.
+    #[tokio::test]
+    async fn eight_bit_content_is_not_sent_to_a_server_without_8bitmime() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket.write_all(b"220 old ESMTP\r\n").await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = socket.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return String::from_utf8(seen).unwrap();
+                }
+                seen.extend_from_slice(&buf[..n]);
+                let reply: &[u8] = if seen.ends_with(b"EHLO relay.test\r\n") {
+                    b"250-old\r\n250 PIPELINING\r\n"
+                } else if seen.ends_with(b"DATA\r\n") {
+                    b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go\r\n"
+                } else if seen.ends_with(b"\r\n.\r\n") {
+                    b"250 2.0.0 taken\r\n"
+                } else {
+                    continue;
+                };
+                socket.write_all(reply).await.unwrap();
+            }
+        });
+        let (mut client, _) = Client::connect(addr, Timeouts::default()).await.unwrap();
+        client.ehlo("relay.test").await.unwrap();
+        let permit = PlaintextPermit::new(&Requirement::new(TlsLevel::May), false).unwrap();
+        let rcpts = vec!["x@example.net".to_owned()];
+        let mut envelope = Envelope {
+            mail_from: "a@example.test",
+            rcpts: &rcpts,
+            size: 20,
+            eight_bit: true,
+            requiretls: false,
+        };
+        let results = client
+            .transaction_plaintext(&permit, &envelope, "Subject: \u{e9}\r\n\r\n".as_bytes())
+            .await
+            .unwrap();
+        let [RcptResult::Bounced(reply)] = results.as_slice() else { panic!("{results:?}") };
+        assert_eq!(reply.code(), 554);
+        assert_eq!(reply.enhanced().map(|e| e.to_string()).as_deref(), Some("5.6.3"));
+
+        envelope.eight_bit = false;
+        let results =
+            client.transaction_plaintext(&permit, &envelope, b"Subject: e\r\n\r\n").await.unwrap();
+        assert!(matches!(results.as_slice(), [RcptResult::Delivered(_)]), "{results:?}");
+        drop(client);
+        let seen = server.await.unwrap();
+        assert_eq!(seen.matches("MAIL FROM").count(), 1, "{seen}");
+        assert!(seen.is_ascii(), "{seen}");
     }
 }

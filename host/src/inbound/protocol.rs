@@ -22,14 +22,12 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use super::anvil::{Anvil, InboundStats};
 use super::auth::{base64_decode, base64_encode, verify_password};
-use super::{InboundOptions, Submission};
+use super::{BareNewline, InboundOptions, Submission};
 use crate::smtp::{EnhancedCode, MAX_DOMAIN_LEN, MAX_PATH_LEN};
-
-/// Syntax and sequence errors a client may make before it is disconnected.
-const MAX_ERRORS: u32 = 20;
 
 /// Failed AUTH attempts a client may make before it is disconnected.
 const MAX_AUTH_FAILURES: u32 = 3;
@@ -41,6 +39,16 @@ const MIN_LINE_LENGTH: usize = 512;
 /// tell which user names exist.
 const DUMMY_HASH: &str =
     "sha256:00:0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The reply to AUTH from an address that failed too often recently (RFC 4954 §6: 454 is a
+/// temporary authentication failure).
+fn auth_refused_reply() -> Reply {
+    Reply::status(
+        454,
+        (4, 7, 0),
+        "too many authentication failures from your address; try again later",
+    )
+}
 
 /// One SMTP reply the server sends.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -455,9 +463,14 @@ pub enum Action {
 
 /// A complete message waiting for the spool.
 pub struct PendingSubmission {
+    /// [`Session::message_number`] of this message.
+    number: u64,
     mail_from: String,
     rcpts: Vec<String>,
+    /// What the session still holds of the message (all of it unless the connection layer
+    /// took the rest as it arrived).
     body: Vec<u8>,
+    size: usize,
     requiretls: bool,
     tls_required_no: bool,
     trace: Trace,
@@ -477,12 +490,44 @@ struct Trace {
 impl PendingSubmission {
     /// The message size in bytes, without the `Received:` line.
     pub fn size(&self) -> usize {
-        self.body.len()
+        self.size
+    }
+
+    /// Takes what the session still holds of the message: the end of one whose start went to
+    /// the spool as it arrived ([`Session::take_body`]).
+    pub fn take_body(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.body)
+    }
+
+    /// The submission for a message written to the spool's staging file as it arrived, its
+    /// `Received:` line first ([`Session::received_header`]).
+    pub fn into_staged_submission(
+        self,
+        received_at: SystemTime,
+        staged: super::StagedBody,
+    ) -> Submission {
+        Submission {
+            mail_from: self.mail_from,
+            rcpts: self.rcpts,
+            body: Vec::new(),
+            staged: Some(staged),
+            requiretls: self.requiretls,
+            tls_required_no: self.tls_required_no,
+            client: self.trace.client,
+            tls: self.trace.tls.is_some(),
+            authenticated_as: self.trace.authenticated_as,
+            received_at,
+        }
     }
 
     /// The recipients.
     pub fn rcpts(&self) -> &[String] {
         &self.rcpts
+    }
+
+    /// The [`Session::message_number`] this message had in DATA.
+    pub fn number(&self) -> u64 {
+        self.number
     }
 
     /// The submission for the spool, with a `Received:` line (RFC 5321 §4.4) for
@@ -496,6 +541,7 @@ impl PendingSubmission {
             mail_from: self.mail_from,
             rcpts: self.rcpts,
             body,
+            staged: None,
             requiretls: self.requiretls,
             tls_required_no: self.tls_required_no,
             client: self.trace.client,
@@ -512,7 +558,7 @@ impl fmt::Debug for PendingSubmission {
         f.debug_struct("PendingSubmission")
             .field("mail_from", &self.mail_from)
             .field("rcpts", &self.rcpts)
-            .field("size", &self.body.len())
+            .field("size", &self.size)
             .field("requiretls", &self.requiretls)
             .field("tls_required_no", &self.tls_required_no)
             .field("trace", &self.trace)
@@ -611,6 +657,11 @@ pub fn tls_required_no(message: &[u8]) -> bool {
     found | finish(current)
 }
 
+/// How much of the start of a message is kept to look at its header block (`TLS-Required:`)
+/// when the rest goes to the spool as it arrives. A header block longer than this is unusual;
+/// a field beyond it is not seen, which can only make the relay stricter.
+const HEAD_MAX: usize = 64 * 1024;
+
 /// Decodes the message after `354`: strips the stuffed dots (RFC 5321 §4.5.2), stops after
 /// `CRLF . CRLF`, and stops storing (but not reading) once the size limit is passed.
 ///
@@ -618,10 +669,30 @@ pub fn tls_required_no(message: &[u8]) -> bool {
 #[derive(Clone, Debug)]
 pub struct BodyDecoder {
     state: DotState,
+    /// Decoded bytes not yet taken ([`take_body`](Self::take_body)).
     body: Vec<u8>,
+    /// Decoded bytes so far, taken or not.
+    size: usize,
+    /// The first [`HEAD_MAX`] decoded bytes, where the header block is looked at.
+    head: Vec<u8>,
     max_size: usize,
     overflow: bool,
     done: bool,
+    /// Bytes of input used so far (for the transfer rate).
+    consumed: u64,
+    /// What the message holds that the relay has rules about.
+    found: BodyFindings,
+}
+
+/// What the decoder saw in a message that the relay has rules about.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct BodyFindings {
+    /// A NUL byte (refused: RFC 5321 text has none, and receivers truncate at it).
+    pub nul: bool,
+    /// A LF not preceded by CR.
+    pub bare_lf: bool,
+    /// A CR not followed by LF.
+    pub bare_cr: bool,
 }
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -644,9 +715,13 @@ impl BodyDecoder {
         BodyDecoder {
             state: DotState::LineStart,
             body: Vec::new(),
+            size: 0,
+            head: Vec::new(),
             max_size,
             overflow: false,
             done: false,
+            consumed: 0,
+            found: BodyFindings::default(),
         }
     }
 
@@ -658,7 +733,10 @@ impl BodyDecoder {
             if self.state == DotState::Middle {
                 // Fast path: copy up to the next CR in one go.
                 let run = input[i..].iter().position(|&b| b == b'\r').unwrap_or(input.len() - i);
-                self.store(&input[i..i + run]);
+                let text = &input[i..i + run];
+                self.found.bare_lf |= text.contains(&b'\n');
+                self.found.nul |= text.contains(&0);
+                self.store(text);
                 i += run;
                 if i == input.len() {
                     break;
@@ -689,15 +767,20 @@ impl BodyDecoder {
                 DotState::Cr => self.after_cr(b),
             };
         }
+        self.consumed += i as u64;
         i
     }
 
     fn inside(&mut self, b: u8) -> DotState {
+        self.found.bare_lf |= b == b'\n';
+        self.found.nul |= b == 0;
         self.store(&[b]);
         if b == b'\r' { DotState::Cr } else { DotState::Middle }
     }
 
     fn after_cr(&mut self, b: u8) -> DotState {
+        self.found.bare_cr |= b != b'\n';
+        self.found.nul |= b == 0;
         self.store(&[b]);
         match b {
             b'\n' => DotState::LineStart,
@@ -710,10 +793,16 @@ impl BodyDecoder {
         if self.overflow {
             return;
         }
-        if self.body.len() + bytes.len() > self.max_size {
+        if self.size + bytes.len() > self.max_size {
             self.overflow = true;
             self.body = Vec::new();
+            self.head = Vec::new();
         } else {
+            self.size += bytes.len();
+            if self.head.len() < HEAD_MAX {
+                let keep = bytes.len().min(HEAD_MAX - self.head.len());
+                self.head.extend_from_slice(&bytes[..keep]);
+            }
             self.body.extend_from_slice(bytes);
         }
     }
@@ -728,9 +817,34 @@ impl BodyDecoder {
         self.overflow
     }
 
-    /// The message, or `None` if it passed the size limit.
+    /// What the message held so far that the relay has rules about.
+    pub fn findings(&self) -> BodyFindings {
+        self.found
+    }
+
+    /// Bytes of input used so far, dot-stuffing included.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// The message (what was not taken yet), or `None` if it passed the size limit.
     pub fn into_body(self) -> Option<Vec<u8>> {
         (!self.overflow).then_some(self.body)
+    }
+
+    /// Takes the bytes decoded so far, so that they can go to disk instead of piling up.
+    pub fn take_body(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.body)
+    }
+
+    /// Bytes decoded so far, taken or not (meaningless once [`overflowed`](Self::overflowed)).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The start of the message (up to 64 KiB), where its header block is.
+    pub fn head(&self) -> &[u8] {
+        &self.head
     }
 }
 
@@ -758,6 +872,10 @@ pub struct Session {
     transaction: Option<Transaction>,
     errors: u32,
     auth_failures: u32,
+    /// Limits across connections; a session without one only has its own.
+    anvil: Option<Arc<Anvil>>,
+    /// Messages whose DATA began (the current one's number while in DATA).
+    messages: u64,
 }
 
 #[derive(Debug)]
@@ -819,6 +937,35 @@ impl Session {
             transaction: None,
             errors: 0,
             auth_failures: 0,
+            anvil: None,
+            messages: 0,
+        }
+    }
+
+    /// Shares the per-address limits (AUTH failures) and counters of the server's [`Anvil`].
+    pub fn with_anvil(mut self, anvil: Arc<Anvil>) -> Self {
+        self.anvil = Some(anvil);
+        self
+    }
+
+    /// Failed AUTH attempts in this session so far (the server pauses after each).
+    pub fn auth_failures(&self) -> u32 {
+        self.auth_failures
+    }
+
+    /// How many messages' DATA began in this session: while in DATA, the current message's
+    /// number. A connection layer that keeps something per message (a staging file) tells by
+    /// it that the message it kept it for has ended, even when the next one began in the
+    /// same batch of input.
+    pub fn message_number(&self) -> u64 {
+        self.messages
+    }
+
+    /// Bytes of the message received so far, while in DATA; `None` outside DATA.
+    pub fn data_received(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Data(decoder) => Some(decoder.consumed()),
+            _ => None,
         }
     }
 
@@ -975,7 +1122,10 @@ impl Session {
     fn error(&mut self, reply: Reply) -> Option<Action> {
         self.reply(reply);
         self.errors += 1;
-        if self.errors >= MAX_ERRORS {
+        if self.errors >= self.options.max_errors.max(1) {
+            if let Some(anvil) = &self.anvil {
+                InboundStats::count(&anvil.stats.too_many_errors);
+            }
             return Some(self.close(Reply::status(421, (4, 7, 0), "too many errors")));
         }
         None
@@ -1078,8 +1228,10 @@ impl Session {
         let Some(transaction) = self.transaction.as_mut() else {
             return self.error(Reply::status(503, (5, 5, 1), "need MAIL before RCPT"));
         };
+        // A denied recipient counts as an error (Postfix's `smtpd_hard_error_limit`), so a
+        // client cannot probe for ever.
         let reply = if !may_relay {
-            Reply::status(554, (5, 7, 1), "relaying denied")
+            return self.error(Reply::status(554, (5, 7, 1), "relaying denied"));
         } else if transaction.rcpts.contains(&to) {
             Reply::status(250, (2, 1, 5), "recipient ok")
         } else if transaction.rcpts.len() >= max {
@@ -1099,6 +1251,7 @@ impl Session {
                 self.error(Reply::status(554, (5, 5, 1), "no valid recipients"))
             }
             Some(_) => {
+                self.messages += 1;
                 self.phase = Phase::Data(BodyDecoder::new(self.options.max_message_size));
                 self.reply(Reply::plain(354, vec!["end data with <CR><LF>.<CR><LF>".to_owned()]));
                 None
@@ -1111,27 +1264,67 @@ impl Session {
             return None;
         };
         let transaction = self.transaction.take()?;
+        let found = decoder.findings();
+        let size = decoder.size();
+        let tls_required_no = tls_required_no(decoder.head());
         let Some(body) = decoder.into_body() else {
             self.reply(Reply::status(552, (5, 3, 4), "message size exceeds the limit"));
             return None;
         };
-        let helo = self.helo.as_ref();
+        if found.nul {
+            self.reply(Reply::status(554, (5, 6, 0), "message contains NUL characters"));
+            return None;
+        }
+        if self.options.bare_newline == BareNewline::Reject && (found.bare_lf || found.bare_cr) {
+            self.reply(Reply::status(
+                550,
+                (5, 5, 2),
+                "message contains a bare CR or LF; lines must end with CRLF",
+            ));
+            return None;
+        }
         self.phase = Phase::Spooling;
         Some(PendingSubmission {
-            tls_required_no: tls_required_no(&body),
+            number: self.messages,
+            tls_required_no,
             mail_from: transaction.from,
             rcpts: transaction.rcpts,
             body,
+            size,
             requiretls: transaction.requiretls,
-            trace: Trace {
-                client: self.client,
-                helo: helo.map(|h| h.name.clone()).unwrap_or_default(),
-                extended: helo.is_some_and(|h| h.extended),
-                hostname: self.options.hostname.clone(),
-                tls: self.tls.clone(),
-                authenticated_as: self.authenticated_as.clone(),
-            },
+            trace: self.trace(),
         })
+    }
+
+    fn trace(&self) -> Trace {
+        let helo = self.helo.as_ref();
+        Trace {
+            client: self.client,
+            helo: helo.map(|h| h.name.clone()).unwrap_or_default(),
+            extended: helo.is_some_and(|h| h.extended),
+            hostname: self.options.hostname.clone(),
+            tls: self.tls.clone(),
+            authenticated_as: self.authenticated_as.clone(),
+        }
+    }
+
+    /// In DATA: the `Received:` line for the message being received, dated `at`. A
+    /// connection layer that writes the message to disk as it arrives writes this first
+    /// (Postfix too dates it before the message is complete).
+    pub fn received_header(&self, at: SystemTime) -> Option<String> {
+        match (&self.phase, &self.transaction) {
+            (Phase::Data(_), Some(t)) => Some(received_header(&self.trace(), &t.rcpts, at)),
+            _ => None,
+        }
+    }
+
+    /// In DATA: takes the bytes of the message decoded so far (see
+    /// [`BodyDecoder::take_body`]). Outside DATA: nothing.
+    pub fn take_body(&mut self) -> Vec<u8> {
+        match &mut self.phase {
+            Phase::Data(decoder) => decoder.take_body(),
+            _ => Vec::new(),
+        }
     }
 
     fn starttls(&mut self) -> Option<Action> {
@@ -1176,6 +1369,9 @@ impl Session {
                 (5, 5, 1),
                 "AUTH not allowed during a transaction",
             ));
+        }
+        if self.auth_refused() {
+            return self.error(auth_refused_reply());
         }
         match (mechanism, initial) {
             ("PLAIN", None) => {
@@ -1229,7 +1425,22 @@ impl Session {
         }
     }
 
+    /// Whether AUTH from this client's address is refused for now (counted when it is).
+    fn auth_refused(&self) -> bool {
+        let Some(anvil) = &self.anvil else { return false };
+        let refused = anvil.auth_refused(self.client.ip(), &self.options, Instant::now());
+        if refused {
+            InboundStats::count(&anvil.stats.auth_refused);
+        }
+        refused
+    }
+
     fn check_credentials(&mut self, user: &str, password: &str, allowed: bool) -> Option<Action> {
+        // Other connections from the address may have used up its failures meanwhile: then
+        // not even the right password is checked.
+        if self.auth_refused() {
+            return self.error(auth_refused_reply());
+        }
         let hash = self.options.credentials.get(user).map(String::as_str);
         let matches = verify_password(hash.unwrap_or(DUMMY_HASH), password);
         if allowed && hash.is_some() && matches {
@@ -1239,6 +1450,9 @@ impl Session {
         }
         self.reply(Reply::status(535, (5, 7, 8), "authentication credentials invalid"));
         self.auth_failures += 1;
+        if let Some(anvil) = &self.anvil {
+            anvil.auth_failed(self.client.ip(), &self.options, Instant::now());
+        }
         if self.auth_failures >= MAX_AUTH_FAILURES {
             return Some(self.close(Reply::status(
                 421,
@@ -1523,6 +1737,28 @@ mod tests {
     }
 
     #[test]
+    fn body_findings() {
+        let found = |input: &[u8]| {
+            let mut d = BodyDecoder::new(1000);
+            d.feed(input);
+            let f = d.findings();
+            (f.nul, f.bare_lf, f.bare_cr)
+        };
+        assert_eq!(found(b"a\r\nb\r\n.\r\n"), (false, false, false));
+        assert_eq!(found(b"a\nb\r\n.\r\n"), (false, true, false));
+        assert_eq!(found(b"\n\r\n.\r\n"), (false, true, false));
+        assert_eq!(found(b".\nx\r\n.\r\n"), (false, true, false));
+        assert_eq!(found(b"a\rb\r\n.\r\n"), (false, false, true));
+        assert_eq!(found(b".\rx\r\n.\r\n"), (false, false, true));
+        assert_eq!(found(b"a\r\r\n.\r\n"), (false, false, true));
+        assert_eq!(found(b"a\0\r\n.\r\n"), (true, false, false));
+        assert_eq!(found(b"\0\r\n.\r\n"), (true, false, false));
+        assert_eq!(found(b"a\r\0\r\n.\r\n"), (true, false, true));
+        // What follows the end of the data is not the message's.
+        assert_eq!(found(b"a\r\n.\r\n\0\n"), (false, false, false));
+    }
+
+    #[test]
     fn dates() {
         let at = |s: u64| rfc5322_date(UNIX_EPOCH + std::time::Duration::from_secs(s));
         assert_eq!(at(0), "Thu, 1 Jan 1970 00:00:00 +0000");
@@ -1611,7 +1847,7 @@ mod tests {
         #[test]
         fn decoding_ignores_chunk_boundaries(
             input in proptest::collection::vec(
-                prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..64),
+                prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a'), Just(0u8)], 0..64),
             split in any::<proptest::sample::Index>(),
             max in 0usize..40,
         ) {
@@ -1626,6 +1862,10 @@ mod tests {
             prop_assert_eq!(used, used_parts);
             prop_assert_eq!(whole.is_done(), parts.is_done());
             prop_assert_eq!(whole.overflowed(), parts.overflowed());
+            prop_assert_eq!(whole.findings(), parts.findings());
+            if !whole.overflowed() {
+                prop_assert_eq!(whole.size(), parts.size());
+            }
             prop_assert_eq!(whole.into_body(), parts.into_body());
         }
     }

@@ -1,4 +1,5 @@
-//! The inbound server on Tokio: accept loop, connection cap, per-connection tasks.
+//! The inbound server on Tokio: accept loop, connection caps (global and per address),
+//! per-connection tasks with their time limits (idle, whole session, DATA transfer rate).
 //!
 //! Each connection runs [`drive`] over a plaintext `TcpStream`; if the client starts TLS,
 //! `drive` hands the stream back and runs again over the `TlsStream`, so the two halves of a
@@ -7,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,8 +17,10 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use super::protocol::{Action, Reply, Session};
-use super::{InboundOptions, Spool};
+use super::anvil::{Anvil, ClientSlot, InboundStats};
+use super::protocol::{Action, PendingSubmission, Reply, Session};
+use super::staging::{self, Sink};
+use super::{InboundOptions, Spool, Submission};
 
 /// Size of one read from a client.
 const READ_CHUNK: usize = 16 * 1024;
@@ -31,11 +34,23 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// connection has ended. A message already handed to the spool is always answered.
 ///
 /// Connections beyond `options.max_connections` are told `421 4.7.0 too many connections`
-/// and closed at once.
+/// and closed at once, as are those beyond the per-address limits.
 pub async fn serve(
     listener: TcpListener,
     options: Arc<InboundOptions>,
     spool: Arc<dyn Spool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_with(listener, options, spool, Arc::new(Anvil::default()), shutdown).await;
+}
+
+/// [`serve`] with the per-address state and counters in `anvil`, which the caller keeps (for
+/// `/metrics`).
+pub async fn serve_with(
+    listener: TcpListener,
+    options: Arc<InboundOptions>,
+    spool: Arc<dyn Spool>,
+    anvil: Arc<Anvil>,
     shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
@@ -55,15 +70,35 @@ pub async fn serve(
                     }
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    refuse(&stream, &options);
+                    refuse(&stream, &options, "too many connections");
+                    InboundStats::count(&anvil.stats.refused_global);
                     tracing::warn!(%client, "connection refused: too many connections");
                     continue;
+                };
+                let client_slot = match anvil.connect(client.ip(), &options, Instant::now()) {
+                    Ok(client_slot) => client_slot,
+                    Err(refusal) => {
+                        refuse(&stream, &options, refusal.text());
+                        let counter = match refusal {
+                            super::Refusal::TooManyConnections => &anvil.stats.refused_per_client,
+                            super::Refusal::TooFast => &anvil.stats.refused_rate,
+                        };
+                        InboundStats::count(counter);
+                        tracing::warn!(%client, reason = refusal.text(), "connection refused");
+                        continue;
+                    }
                 };
                 let connection = Connection {
                     options: options.clone(),
                     spool: spool.clone(),
+                    anvil: anvil.clone(),
                     shutdown: shutdown.clone(),
                     client,
+                    client_slot: Some(client_slot),
+                    started: Instant::now(),
+                    data_started: None,
+                    auth_failures_seen: 0,
+                    sink: Sink::Undecided,
                 };
                 let span = tracing::info_span!("inbound", %client);
                 connections.spawn(
@@ -92,18 +127,37 @@ async fn requested(shutdown: &mut watch::Receiver<bool>) {
 
 /// Tells an over-the-cap client why it is being dropped, without waiting: a fresh socket's
 /// send buffer is empty, so the write succeeds unless the client is already gone.
-fn refuse(stream: &TcpStream, options: &InboundOptions) {
+fn refuse(stream: &TcpStream, options: &InboundOptions, why: &str) {
     let mut out = Vec::new();
-    Reply::status(421, (4, 7, 0), format!("{} too many connections", options.hostname))
-        .encode(&mut out);
+    Reply::status(421, (4, 7, 0), format!("{} {why}", options.hostname)).encode(&mut out);
     let _ = stream.try_write(&out);
 }
 
 struct Connection {
     options: Arc<InboundOptions>,
     spool: Arc<dyn Spool>,
+    anvil: Arc<Anvil>,
     shutdown: watch::Receiver<bool>,
     client: SocketAddr,
+    /// The address's place in the per-address count, given back before the socket closes
+    /// (so a client that saw the close may connect again at once).
+    client_slot: Option<ClientSlot>,
+    /// When the connection was accepted (`max_session_time`).
+    started: Instant,
+    /// The number and start of the message in DATA (`min_data_rate`).
+    data_started: Option<(u64, Instant)>,
+    /// AUTH failures already paused for.
+    auth_failures_seen: u32,
+    /// Where the message in DATA goes as it arrives.
+    sink: Sink,
+}
+
+/// Why the server ends a session on its own.
+#[derive(Clone, Copy, Debug, Eq, Ord, PartialEq, PartialOrd)]
+enum Expiry {
+    Idle,
+    Session,
+    DataRate,
 }
 
 /// How [`drive`] ended.
@@ -116,11 +170,20 @@ enum Ended<S> {
 
 impl Connection {
     async fn run(mut self, stream: TcpStream) {
+        self.run_session(stream).await;
+        // A message cut off mid-DATA leaves its staging file.
+        if let Sink::File(staging) = std::mem::replace(&mut self.sink, Sink::Undecided) {
+            staging.discard().await;
+        }
+    }
+
+    async fn run_session(&mut self, stream: TcpStream) {
         tracing::debug!("connection accepted");
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        let mut session = Session::new(self.options.clone(), self.client);
+        let mut session =
+            Session::new(self.options.clone(), self.client).with_anvil(self.anvil.clone());
         let Ended::StartTls(stream) = self.drive(stream, &mut session).await else {
             tracing::debug!("connection closed");
             return;
@@ -130,7 +193,8 @@ impl Connection {
             return;
         };
         let handshake = TlsAcceptor::from(config).accept(stream);
-        let stream = match tokio::time::timeout(self.options.idle_timeout, handshake).await {
+        let (handshake_deadline, _) = self.read_deadline(None);
+        let stream = match tokio::time::timeout_at(handshake_deadline.into(), handshake).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 tracing::info!(%error, "tls handshake failed");
@@ -165,16 +229,31 @@ impl Connection {
         loop {
             match session.next_action() {
                 Action::Read => {
+                    self.pause_after_auth_failure(session).await;
+                    self.stream_body(session).await;
                     if !self.flush(&mut stream, session, &mut out).await {
                         return Ended::Closed;
                     }
-                    let idle = self.options.idle_timeout;
-                    let read = tokio::select! {
-                        read = tokio::time::timeout(idle, stream.read(&mut buf)) => read,
-                        () = requested(&mut self.shutdown) => {
-                            let reply = Reply::status(421, (4, 3, 2), "server shutting down");
-                            self.close_with(&mut stream, reply).await;
-                            return Ended::Closed;
+                    let data_received = session.data_received();
+                    let number = session.message_number();
+                    self.data_started = match (data_received, self.data_started) {
+                        (Some(_), Some((n, at))) if n == number => Some((n, at)),
+                        (Some(_), _) => Some((number, Instant::now())),
+                        (None, _) => None,
+                    };
+                    let (deadline, expiry) = self.read_deadline(data_received);
+                    let read = if deadline <= Instant::now() {
+                        Err(expiry)
+                    } else {
+                        tokio::select! {
+                            read = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)) => {
+                                read.map_err(|_| expiry)
+                            }
+                            () = requested(&mut self.shutdown) => {
+                                let reply = Reply::status(421, (4, 3, 2), "server shutting down");
+                                self.close_with(&mut stream, reply).await;
+                                return Ended::Closed;
+                            }
                         }
                     };
                     match read {
@@ -184,9 +263,8 @@ impl Connection {
                             tracing::debug!(%error, "read failed");
                             return Ended::Closed;
                         }
-                        Err(_) => {
-                            tracing::info!("idle timeout");
-                            let reply = Reply::status(421, (4, 4, 2), "idle timeout");
+                        Err(expiry) => {
+                            let reply = self.expired(expiry);
                             self.close_with(&mut stream, reply).await;
                             return Ended::Closed;
                         }
@@ -202,10 +280,18 @@ impl Connection {
                     return Ended::StartTls(stream);
                 }
                 Action::Submit(pending) => {
+                    self.data_started = None;
                     let rcpts = pending.rcpts().len();
                     let size = pending.size();
-                    let submission = pending.into_submission(SystemTime::now());
+                    let Some(submission) = self.submission(*pending).await else {
+                        session.submitted(&Err("the message could not be staged".to_owned()));
+                        continue;
+                    };
+                    let staged = submission.staged.as_ref().map(|s| s.path.clone());
                     let result = self.spool.accept(submission).await;
+                    if let (Err(_), Some(path)) = (&result, staged) {
+                        staging::remove(path).await;
+                    }
                     match &result {
                         Ok(queue_id) => {
                             tracing::info!(%queue_id, rcpts, size, "message accepted")
@@ -217,12 +303,158 @@ impl Connection {
                     session.submitted(&result);
                 }
                 Action::Close => {
+                    self.pause_after_auth_failure(session).await;
+                    self.client_slot = None;
                     if self.flush(&mut stream, session, &mut out).await {
                         let _ = stream.shutdown().await;
                     }
                     return Ended::Closed;
                 }
             }
+        }
+    }
+
+    /// Moves the message in DATA, as far as it has arrived, to its staging file (opened once
+    /// [`staging::STAGE_AFTER`] bytes have arrived, with the `Received:` line first); throws
+    /// away the file of a message that ended without being submitted (refused for its size or
+    /// content).
+    async fn stream_body(&mut self, session: &mut Session) {
+        let current = session.data_received().map(|_| session.message_number());
+        // What was kept for a message that has ended without being submitted (refused at its
+        // dot, perhaps with the next message begun in the same batch) goes.
+        match &self.sink {
+            Sink::File(staging) if Some(staging.message) != current => {
+                if let Sink::File(staging) = std::mem::replace(&mut self.sink, Sink::Undecided) {
+                    staging.discard().await;
+                }
+            }
+            Sink::Failed(n) if Some(*n) != current => self.sink = Sink::Undecided,
+            _ => {}
+        }
+        let Some(number) = current else { return };
+        if matches!(self.sink, Sink::Undecided)
+            && session.data_received().unwrap_or(0) < staging::STAGE_AFTER
+        {
+            return;
+        }
+        if matches!(self.sink, Sink::Undecided) {
+            self.sink = Sink::open(&self.spool, number).await;
+            if let Sink::File(staging) = &mut self.sink {
+                let header = session.received_header(SystemTime::now()).unwrap_or_default();
+                if let Err(error) = staging.write(header.as_bytes()).await {
+                    self.staging_failed(error).await;
+                }
+            }
+        }
+        match &mut self.sink {
+            Sink::Memory | Sink::Undecided => {}
+            Sink::Failed(_) => drop(session.take_body()),
+            Sink::File(staging) => {
+                if let Err(error) = staging.write(&session.take_body()).await {
+                    self.staging_failed(error).await;
+                }
+            }
+        }
+    }
+
+    async fn staging_failed(&mut self, error: std::io::Error) {
+        tracing::warn!(%error, "cannot write a message body to the spool");
+        if let Sink::File(staging) = std::mem::replace(&mut self.sink, Sink::Undecided) {
+            self.sink = Sink::Failed(staging.message);
+            staging.discard().await;
+        }
+    }
+
+    /// The complete message for the spool: its staging file finished with the last bytes,
+    /// or in memory (a spool without staging, or a message that began and ended within one
+    /// batch of input, so it is small). `None` if staging failed (the client is told `451`).
+    async fn submission(&mut self, mut pending: PendingSubmission) -> Option<Submission> {
+        let now = SystemTime::now();
+        let number = pending.number();
+        match std::mem::replace(&mut self.sink, Sink::Undecided) {
+            Sink::Undecided => Some(pending.into_submission(now)),
+            Sink::Memory => {
+                self.sink = Sink::Memory;
+                Some(pending.into_submission(now))
+            }
+            Sink::Failed(n) if n == number => None,
+            Sink::Failed(_) => Some(pending.into_submission(now)),
+            Sink::File(staging) if staging.message != number => {
+                staging.discard().await;
+                Some(pending.into_submission(now))
+            }
+            Sink::File(mut staging) => {
+                if let Err(error) = staging.write(&pending.take_body()).await {
+                    tracing::warn!(%error, "cannot write a message body to the spool");
+                    staging.discard().await;
+                    return None;
+                }
+                match staging.finish().await {
+                    Ok(staged) => Some(pending.into_staged_submission(now, staged)),
+                    Err((error, path)) => {
+                        tracing::warn!(%error, "cannot write a message body to the spool");
+                        staging::remove(path).await;
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// When the next read must have come, and which limit that is: the idle timeout, the end
+    /// of the session, or (in DATA, `received` bytes so far) the moment the average rate
+    /// since the `354` falls below `min_data_rate` if nothing more arrives.
+    fn read_deadline(&self, received: Option<u64>) -> (Instant, Expiry) {
+        let o = &self.options;
+        let mut deadline = (Instant::now() + o.idle_timeout, Expiry::Idle);
+        if !o.max_session_time.is_zero() {
+            deadline = deadline.min((self.started + o.max_session_time, Expiry::Session));
+        }
+        if let (Some(received), Some((_, started)), true) =
+            (received, self.data_started, o.min_data_rate > 0)
+        {
+            let earned = Duration::from_secs_f64(received as f64 / f64::from(o.min_data_rate));
+            deadline = deadline.min((started + o.data_rate_grace.max(earned), Expiry::DataRate));
+        }
+        deadline
+    }
+
+    /// Logs and counts a limit that ended the session, and gives the last reply.
+    fn expired(&mut self, expiry: Expiry) -> Reply {
+        let stats = &self.anvil.stats;
+        self.client_slot = None;
+        match expiry {
+            Expiry::Idle => {
+                tracing::info!("idle timeout");
+                Reply::status(421, (4, 4, 2), "idle timeout")
+            }
+            Expiry::Session => {
+                InboundStats::count(&stats.session_time_exceeded);
+                tracing::info!(limit = ?self.options.max_session_time, "session time limit");
+                Reply::status(421, (4, 7, 0), "session time limit reached, closing connection")
+            }
+            Expiry::DataRate => {
+                InboundStats::count(&stats.data_too_slow);
+                tracing::info!(min_rate = self.options.min_data_rate, "data transfer too slow");
+                Reply::status(
+                    421,
+                    (4, 7, 0),
+                    format!(
+                        "message transfer too slow (below {} bytes/s), closing connection",
+                        self.options.min_data_rate
+                    ),
+                )
+            }
+        }
+    }
+
+    /// Holds back the reply to a failed AUTH for `auth_failure_delay`, so guessing is slow
+    /// even before the address is refused.
+    async fn pause_after_auth_failure(&mut self, session: &Session) {
+        let failures = session.auth_failures();
+        if failures > self.auth_failures_seen {
+            self.auth_failures_seen = failures;
+            tokio::time::sleep(self.options.auth_failure_delay).await;
         }
     }
 

@@ -14,15 +14,34 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use super::store::{Envelope, QueueStore, StoreError};
+use super::store::{BodySource, Envelope, QueueStore, StoreError};
 
 /// Most messages written in one batch.
 const MAX_BATCH: usize = 256;
 
 struct Request {
     envelope: Envelope,
-    body: Vec<u8>,
+    body: NewBody,
     done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// A new message's body, as handed to the committer.
+#[derive(Debug)]
+pub enum NewBody {
+    /// In memory.
+    Bytes(Vec<u8>),
+    /// Written to a file from [`QueueStore::stage_body`] as it arrived.
+    Staged(std::path::PathBuf),
+}
+
+impl NewBody {
+    /// The body as the store takes it.
+    pub fn source(&self) -> BodySource<'_> {
+        match self {
+            NewBody::Bytes(bytes) => BodySource::Bytes(bytes),
+            NewBody::Staged(path) => BodySource::Staged(path),
+        }
+    }
 }
 
 /// The handle accepts go through; the thread ends when the last handle is dropped.
@@ -41,7 +60,7 @@ impl Committer {
     }
 
     /// Stores `envelope` and `body` durably; returns once they are on disk.
-    pub async fn insert(&self, envelope: Envelope, body: Vec<u8>) -> Result<(), StoreError> {
+    pub async fn insert(&self, envelope: Envelope, body: NewBody) -> Result<(), StoreError> {
         let (done, answer) = oneshot::channel();
         self.requests
             .send(Request { envelope, body, done })
@@ -62,8 +81,8 @@ fn run(store: &dyn QueueStore, incoming: &mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        let items: Vec<(&Envelope, &[u8])> =
-            batch.iter().map(|r| (&r.envelope, r.body.as_slice())).collect();
+        let items: Vec<(&Envelope, BodySource<'_>)> =
+            batch.iter().map(|r| (&r.envelope, r.body.source())).collect();
         let results = store.insert_batch(&items);
         drop(items);
         for (request, result) in batch.drain(..).zip(results) {
@@ -103,7 +122,8 @@ mod tests {
                     tls_required_no: false,
                     warned: false,
                 };
-                committer.insert(envelope.clone(), format!("body {n}").into_bytes()).await?;
+                let body = NewBody::Bytes(format!("body {n}").into_bytes());
+                committer.insert(envelope.clone(), body).await?;
                 Ok::<_, StoreError>(envelope)
             });
         }

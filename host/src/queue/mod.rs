@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
 
-use self::commit::Committer;
+use self::commit::{Committer, NewBody};
 use self::schedule::Schedule;
 use self::store::{Envelope, QueueStore, Recipient, RecipientState, StoreError, now};
 use crate::delivery::{Deliverer, Message, Status};
@@ -66,8 +66,11 @@ pub struct NewMessage {
     pub mail_from: String,
     /// Recipients.
     pub rcpts: Vec<String>,
-    /// Headers and body, CRLF.
+    /// Headers and body, CRLF (empty when `staged` is set).
     pub body: Vec<u8>,
+    /// The headers and body are in this file from [`QueueStore::stage_body`] instead (the
+    /// inbound server wrote it as the message arrived); the queue takes it over.
+    pub staged: Option<std::path::PathBuf>,
     /// REQUIRETLS.
     pub requiretls: bool,
     /// `TLS-Required: No`.
@@ -164,7 +167,12 @@ impl Queue {
         let id = envelope.id.clone();
         match &self.committer {
             Some(committer) => committer.insert(envelope, body).await?,
-            None => self.blocking(move |store| store.insert(&envelope, &body)).await?,
+            None => {
+                self.blocking(move |store| {
+                    store.insert_batch(&[(&envelope, body.source())]).pop().unwrap_or(Ok(()))
+                })
+                .await?
+            }
         }
         Ok(self.accepted(id))
     }
@@ -178,7 +186,7 @@ impl Queue {
     }
 
     /// A new message's envelope: every recipient pending, due now.
-    fn envelope(message: NewMessage) -> (Envelope, Vec<u8>) {
+    fn envelope(message: NewMessage) -> (Envelope, NewBody) {
         let id = store::SpoolDir::new_id();
         let envelope = Envelope {
             id: id.clone(),
@@ -200,7 +208,17 @@ impl Queue {
             tls_required_no: message.tls_required_no,
             warned: false,
         };
-        (envelope, message.body)
+        let body = match message.staged {
+            Some(path) => NewBody::Staged(path),
+            None => NewBody::Bytes(message.body),
+        };
+        (envelope, body)
+    }
+
+    /// A new file in the spool for a body still arriving (see [`QueueStore::stage_body`]);
+    /// blocking: call it off the async workers.
+    pub fn stage_body(&self) -> Option<Result<(std::path::PathBuf, std::fs::File), StoreError>> {
+        self.store.stage_body()
     }
 
     /// Makes every message due now (`postwarden queue retry` and tests).
@@ -482,6 +500,7 @@ impl Queue {
             mail_from: String::new(),
             rcpts: vec![envelope.mail_from.clone()],
             body: report,
+            staged: None,
             requiretls: false,
             tls_required_no: false,
         };

@@ -8,7 +8,8 @@
 //! The store is behind [`QueueStore`] so that a shared store can later serve several nodes.
 //!
 //! Layout under the queue directory:
-//! - `tmp/`: files being written; anything here after a crash is garbage and removed at start.
+//! - `tmp/`: files being written, and bodies the inbound server is receiving
+//!   ([`QueueStore::stage_body`]); anything here after a crash is garbage and removed at start.
 //! - `msg/<id>.eml`: the message (headers and body, CRLF), written once.
 //! - `env/<id>.json`: the envelope and per-recipient state, rewritten atomically.
 //!
@@ -117,14 +118,41 @@ pub enum StoreError {
     Task(String),
 }
 
+/// Where a new message's body is.
+#[derive(Clone, Copy, Debug)]
+pub enum BodySource<'a> {
+    /// In memory.
+    Bytes(&'a [u8]),
+    /// In a file the store handed out with [`QueueStore::stage_body`], written and closed
+    /// (not necessarily fsync'd). The store takes it over: renamed into place on success,
+    /// removed on failure.
+    Staged(&'a Path),
+}
+
 /// A durable message store.
 pub trait QueueStore: Send + Sync {
     /// Stores a new message; returns only once it is durable.
     fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError>;
     /// Stores several new messages, one result each, in order; returns only once those that
     /// succeeded are durable. A store may share its syncs between them (group commit).
-    fn insert_batch(&self, items: &[(&Envelope, &[u8])]) -> Vec<Result<(), StoreError>> {
-        items.iter().map(|(envelope, body)| self.insert(envelope, body)).collect()
+    fn insert_batch(&self, items: &[(&Envelope, BodySource<'_>)]) -> Vec<Result<(), StoreError>> {
+        items
+            .iter()
+            .map(|(envelope, body)| match body {
+                BodySource::Bytes(bytes) => self.insert(envelope, bytes),
+                BodySource::Staged(path) => {
+                    let bytes = fs::read(path).map_err(io(path));
+                    let _ = fs::remove_file(path);
+                    self.insert(envelope, &bytes?)
+                }
+            })
+            .collect()
+    }
+    /// A new, empty file for a body that is still arriving, so that it never has to be held
+    /// in memory; hand it back with [`BodySource::Staged`]. `None`: this store takes bodies
+    /// in memory only.
+    fn stage_body(&self) -> Option<Result<(PathBuf, File), StoreError>> {
+        None
     }
     /// Rewrites a message's envelope atomically.
     fn update(&self, envelope: &Envelope) -> Result<(), StoreError>;
@@ -211,6 +239,26 @@ impl SpoolDir {
         Ok(tmp)
     }
 
+    /// Takes over a body written to a file from [`QueueStore::stage_body`]: fsyncs it, and from
+    /// here on it is removed unless it is renamed into place. Only files directly in `tmp/`
+    /// are accepted.
+    fn adopt(&self, path: &Path) -> Result<NamedTempFile, StoreError> {
+        let tmp_dir = self.root.join("tmp");
+        if path.parent() != Some(tmp_dir.as_path()) {
+            return Err(StoreError::Io {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a staged body must be in the spool's tmp/",
+                ),
+            });
+        }
+        let temp_path = tempfile::TempPath::try_from_path(path).map_err(io(path))?;
+        let file = File::open(&temp_path).map_err(io(path))?;
+        file.sync_all().map_err(io(path))?;
+        Ok(NamedTempFile::from_parts(file, temp_path))
+    }
+
     fn sync_dir(&self, dir: &Path) -> Result<(), StoreError> {
         File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
     }
@@ -245,7 +293,14 @@ fn shared(e: &StoreError) -> StoreError {
 
 impl QueueStore for SpoolDir {
     fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError> {
-        self.insert_batch(&[(envelope, body)]).pop().unwrap_or(Ok(()))
+        self.insert_batch(&[(envelope, BodySource::Bytes(body))]).pop().unwrap_or(Ok(()))
+    }
+
+    /// `tmp/<new id>.body`, created exclusively.
+    fn stage_body(&self) -> Option<Result<(PathBuf, File), StoreError>> {
+        let path = self.root.join("tmp").join(format!("{}.body", SpoolDir::new_id()));
+        let file = fs::OpenOptions::new().write(true).create_new(true).open(&path);
+        Some(file.map(|file| (path.clone(), file)).map_err(io(&path)))
     }
 
     /// Every file of the batch is written and fsync'd in `tmp/`; then the bodies are renamed
@@ -253,9 +308,13 @@ impl QueueStore for SpoolDir {
     /// `env/` once. A message exists when its envelope is in `env/`, so a crash anywhere
     /// leaves each message either whole or absent (bodies without envelope are removed at
     /// start), as with single inserts, at 2n + 2 fsyncs instead of 4n.
-    fn insert_batch(&self, items: &[(&Envelope, &[u8])]) -> Vec<Result<(), StoreError>> {
-        let stage_one = |(envelope, body): &(&Envelope, &[u8])| {
-            Ok((self.stage(body)?, self.stage(&envelope_json(envelope))?))
+    fn insert_batch(&self, items: &[(&Envelope, BodySource<'_>)]) -> Vec<Result<(), StoreError>> {
+        let stage_one = |(envelope, body): &(&Envelope, BodySource<'_>)| {
+            let body = match body {
+                BodySource::Bytes(bytes) => self.stage(bytes)?,
+                BodySource::Staged(path) => self.adopt(path)?,
+            };
+            Ok((body, self.stage(&envelope_json(envelope))?))
         };
         // The file fsyncs overlap (one thread per file, up to STAGING_THREADS): a device
         // flushes concurrent writes together, and a batch waits for its slowest file only.
@@ -431,8 +490,8 @@ mod tests {
         envs[7].id = "no/such/dir".to_owned();
         let bodies: Vec<Vec<u8>> =
             (0..40).map(|n| format!("Subject: {n}\r\n\r\nbody\r\n").into_bytes()).collect();
-        let items: Vec<(&Envelope, &[u8])> =
-            envs.iter().zip(&bodies).map(|(e, b)| (e, b.as_slice())).collect();
+        let items: Vec<(&Envelope, BodySource<'_>)> =
+            envs.iter().zip(&bodies).map(|(e, b)| (e, BodySource::Bytes(b))).collect();
         let results = spool.insert_batch(&items);
         assert_eq!(results.len(), 40);
         assert!(matches!(results[7], Err(StoreError::Io { .. })), "{:?}", results[7]);
@@ -445,6 +504,36 @@ mod tests {
             assert_eq!(spool.body(&e.id).unwrap(), bodies[n]);
             assert_eq!(&spool.envelope(&e.id).unwrap(), e);
         }
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// A body written to `tmp/` while it arrived becomes the message's body; a failed accept
+    /// leaves nothing behind; a path outside `tmp/` is refused.
+    #[test]
+    fn staged_bodies_are_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SpoolDir::open(dir.path()).unwrap();
+        let (path, mut file) = spool.stage_body().unwrap().unwrap();
+        file.write_all(b"Subject: staged\r\n\r\nbody\r\n").unwrap();
+        drop(file);
+        let env = envelope(&SpoolDir::new_id());
+        let results = spool.insert_batch(&[(&env, BodySource::Staged(&path))]);
+        assert!(results[0].is_ok(), "{results:?}");
+        assert_eq!(spool.body(&env.id).unwrap(), b"Subject: staged\r\n\r\nbody\r\n");
+        assert!(!path.exists());
+
+        let (path, file) = spool.stage_body().unwrap().unwrap();
+        drop(file);
+        let mut bad = envelope(&SpoolDir::new_id());
+        bad.id = "no/such/dir".to_owned();
+        assert!(spool.insert_batch(&[(&bad, BodySource::Staged(&path))])[0].is_err());
+        assert!(!path.exists(), "a failed accept removes the staged body");
+
+        let outside = dir.path().join("elsewhere.body");
+        std::fs::write(&outside, b"x").unwrap();
+        let env = envelope(&SpoolDir::new_id());
+        assert!(spool.insert_batch(&[(&env, BodySource::Staged(&outside))])[0].is_err());
+        assert!(outside.exists());
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 

@@ -7,9 +7,22 @@
 //! holding `<LF>.<LF>` could end the transaction early at some receivers and start a forged
 //! one. After normalisation the only end-of-data sequence the relay ever emits is its own.
 //!
-//! The encoder keeps two bits of state so that chunk boundaries never change the output: a
-//! line start or a CR may be the last byte of one chunk and decide what the next chunk's first
-//! byte becomes.
+//! Lines longer than RFC 5321 §4.5.3.1.6 allows (998 octets before the CRLF) are broken by
+//! inserting CRLF and a space, as Postfix does at `smtp_line_length_limit`: receivers may
+//! truncate or refuse longer lines, and a continuation that starts with a space can never be
+//! taken for a new header field, a MIME boundary, a stuffed dot or the end of the data. In a
+//! header the break is a folding (the field's value gains a space); in a body the line gains a
+//! line break and a space. A line that long is not valid in any MIME encoding, so this only
+//! touches mail that was already broken.
+//!
+//! The encoder keeps a little state so that chunk boundaries never change the output: a line
+//! start or a CR may be the last byte of one chunk and decide what the next chunk's first
+//! byte becomes, and the current line's length carries over.
+
+/// Longest line the encoder emits, in octets before the CRLF and not counting a stuffed dot
+/// (RFC 5321 §4.5.3.1.6: "The maximum total length of a text line including the <CRLF> is
+/// 1000 octets (not counting the leading dot duplicated for transparency)").
+pub const MAX_LINE_OCTETS: usize = 998;
 
 /// Sans-IO dot-stuffer: feed it the message in chunks, then [`finish`](Self::finish) it.
 #[derive(Clone, Debug)]
@@ -19,12 +32,22 @@ pub struct DotStuffer {
     /// The previous byte was a CR that has not been written yet, because whether it is a line
     /// end or a bare CR depends on the next byte.
     pending_cr: bool,
+    /// Octets on the current output line, the stuffed dot not counted.
+    line_len: usize,
+    /// Longest line before a break is inserted.
+    max_line: usize,
 }
 
 impl DotStuffer {
-    /// An encoder at the start of a message.
+    /// An encoder at the start of a message, breaking lines longer than [`MAX_LINE_OCTETS`].
     pub fn new() -> Self {
-        Self { at_line_start: true, pending_cr: false }
+        Self::with_line_limit(MAX_LINE_OCTETS)
+    }
+
+    /// An encoder that breaks lines longer than `max_line` octets (at least 2, so a broken
+    /// line always makes progress). For tests and for next hops with their own limit.
+    pub fn with_line_limit(max_line: usize) -> Self {
+        Self { at_line_start: true, pending_cr: false, line_len: 0, max_line: max_line.max(2) }
     }
 
     /// Appends the stuffed, CRLF-normalised form of `chunk` to `out`.
@@ -44,11 +67,16 @@ impl DotStuffer {
                 b'\r' => self.pending_cr = true,
                 b'\n' => self.end_line(out),
                 _ => {
-                    if self.at_line_start && byte == b'.' {
+                    if self.line_len >= self.max_line {
+                        // The continuation starts with a space: never a dot to stuff.
+                        out.extend_from_slice(b"\r\n ");
+                        self.line_len = 1;
+                    } else if self.at_line_start && byte == b'.' {
                         out.push(b'.');
                     }
                     out.push(byte);
                     self.at_line_start = false;
+                    self.line_len += 1;
                 }
             }
         }
@@ -69,6 +97,7 @@ impl DotStuffer {
     fn end_line(&mut self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"\r\n");
         self.at_line_start = true;
+        self.line_len = 0;
     }
 }
 
@@ -169,6 +198,26 @@ mod tests {
     }
 
     #[test]
+    fn long_lines_are_broken_with_crlf_space() {
+        let line = |n: usize| vec![b'a'; n];
+        // 998 octets pass untouched; 999 get a break before the last one.
+        assert_eq!(
+            stuff(&[line(998), b"\r\n".to_vec()].concat()),
+            [line(998), b"\r\n.\r\n".to_vec()].concat()
+        );
+        assert_eq!(stuff(&line(999)), [line(998), b"\r\n a\r\n.\r\n".to_vec()].concat());
+        // A stuffed dot does not count; a dot after the break needs no stuffing.
+        let dotted = [b".".to_vec(), line(997), b".x".to_vec()].concat();
+        assert_eq!(
+            stuff(&dotted),
+            [b"..".to_vec(), line(997), b"\r\n .x\r\n.\r\n".to_vec()].concat()
+        );
+        // Every line of a 5000-octet one stays within the limit.
+        let wire = stuff(&line(5000));
+        assert!(wire.split(|&b| b == b'\n').all(|l| l.len() <= MAX_LINE_OCTETS + 1));
+    }
+
+    #[test]
     fn smuggling_sequences_cannot_end_the_data() {
         let message = b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<evil@example>\r\n\r.\r\n";
         let wire = stuff(message);
@@ -195,6 +244,47 @@ mod tests {
             let (body, rest) = unstuff(&wire);
             prop_assert!(rest.is_empty());
             prop_assert_eq!(body, normalised(&message));
+        }
+
+        /// With a small limit: no emitted line is longer than the limit, and taking out the
+        /// inserted breaks gives back the normalised message (no spaces in the input, so every
+        /// CRLF SP on the wire is one of ours).
+        #[test]
+        fn broken_lines_round_trip(
+            message in prop::collection::vec(
+                prop_oneof![Just(b'.'), Just(b'\r'), Just(b'\n'), Just(b'a')], 0..200),
+            limit in 2usize..12,
+            mut cuts in prop::collection::vec(0usize..200, 0..6),
+        ) {
+            cuts.sort_unstable();
+            let mut wire = Vec::new();
+            let mut stuffer = DotStuffer::with_line_limit(limit);
+            let mut start = 0;
+            for &cut in &cuts {
+                let cut = cut.clamp(start, message.len());
+                stuffer.encode(&message[start..cut], &mut wire);
+                start = cut;
+            }
+            stuffer.encode(&message[start..], &mut wire);
+            stuffer.finish(&mut wire);
+            for line in wire.split(|&b| b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let counted = if line.starts_with(b"..") { line.len() - 1 } else { line.len() };
+                prop_assert!(counted <= limit, "{:?}", String::from_utf8_lossy(line));
+            }
+            let (body, rest) = unstuff(&wire);
+            prop_assert!(rest.is_empty());
+            let mut joined = Vec::new();
+            let mut i = 0;
+            while i < body.len() {
+                if body[i..].starts_with(b"\r\n ") {
+                    i += 3;
+                } else {
+                    joined.push(body[i]);
+                    i += 1;
+                }
+            }
+            prop_assert_eq!(joined, normalised(&message));
         }
 
         #[test]

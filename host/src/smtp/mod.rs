@@ -14,7 +14,8 @@
 //! - `command`: [`Command::encode`] appends a command to an outgoing buffer after refusing
 //!   arguments that could inject another command.
 //! - `ehlo`: [`Capabilities::from_reply`] reads the extension list from an `EHLO` reply.
-//! - `dot`: [`DotStuffer`] prepares the message for `DATA`: dot-stuffing and CRLF line ends.
+//! - `dot`: [`DotStuffer`] prepares the message for `DATA`: dot-stuffing, CRLF line ends and
+//!   lines broken at [`MAX_LINE_OCTETS`].
 
 mod command;
 mod dot;
@@ -22,7 +23,7 @@ mod ehlo;
 mod reply;
 
 pub use command::{Argument, Command, CommandError, MAX_DOMAIN_LEN, MAX_PATH_LEN};
-pub use dot::DotStuffer;
+pub use dot::{DotStuffer, MAX_LINE_OCTETS};
 pub use ehlo::Capabilities;
 pub use reply::{
     DEFAULT_MAX_LINE_LEN, DEFAULT_MAX_LINES, DEFAULT_MAX_REPLY_LEN, EnhancedCode, Reply,
