@@ -167,8 +167,16 @@ async fn run_one(
     scenario: Scenario,
 ) -> anyhow::Result<ScenarioResult> {
     let started = Instant::now();
-    let timing =
-        Timing { tarpit: options.timeout * 3, delay: options.timeout / 4, ..Timing::default() };
+    // A dripped reply (GRT-04) must finish well inside the relay's timeout even when a
+    // hundred scenarios share two loaded cores: at 20 ms a byte the ~50-byte greeting took
+    // half of a 2 s timeout and missed it under load. 1/400 of the timeout a byte keeps it at
+    // an eighth, still one write per byte.
+    let timing = Timing {
+        tarpit: options.timeout * 3,
+        delay: options.timeout / 4,
+        drip: options.timeout / 400,
+        ..Timing::default()
+    };
     let fleet = Fleet::start(FleetOptions {
         scenarios: Some(vec![scenario.id.to_owned()]),
         timing,
