@@ -25,7 +25,8 @@ use postwarden::delivery::route::{HickoryResolver, Router};
 use postwarden::delivery::tls::TlsContext;
 use postwarden::delivery::{Deliverer, Fallback, Message, Status};
 use postwarden::policy::{
-    Chain, Context, EngineOptions, Limits, MemoryKv, PolicyEngine, PolicySource, TlsLevel, Verdict,
+    Chain, Context, EngineOptions, Limits, MemoryKv, PolicyEngine, PolicySource, TlsLevel,
+    TlsRequiredNo, Verdict,
 };
 use postwarden_sim::server::Timing;
 use postwarden_sim::{Fleet, FleetOptions, Outcome, Scenario};
@@ -130,7 +131,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<Report> {
         limits: Limits::default(),
     };
     let (policy, _) = engine.load(&source, Arc::new(MemoryKv::default()))?;
-    let chain = Arc::new(Chain::new(vec![Arc::new(policy)], TlsLevel::May, true));
+    let chain = Arc::new(Chain::new(vec![Arc::new(policy)], TlsLevel::May, TlsRequiredNo::Never));
 
     let scenarios: Vec<Scenario> = postwarden_sim::catalogue()
         .into_iter()
@@ -216,6 +217,7 @@ async fn run_one(
         body: body.as_bytes(),
         requiretls: false,
         tls_required_no: false,
+        authenticated: false,
         attempt: 1,
         age: 0,
     };

@@ -151,6 +151,15 @@ pub fn metrics(state: &AdminState) -> String {
             ("{decided=\"default\"}", counters.defaulted.load(Ordering::Relaxed)),
         ],
     );
+    counter(
+        "postwarden_tls_required_no_total",
+        "Plans of a forced requirement for a message with `TLS-Required: No`: relaxed to may \
+         (policy_engine.tls_required_no allowed it) or ignored (forced kept).",
+        &[
+            ("{outcome=\"relaxed\"}", counters.tls_required_no_relaxed.load(Ordering::Relaxed)),
+            ("{outcome=\"ignored\"}", counters.tls_required_no_ignored.load(Ordering::Relaxed)),
+        ],
+    );
     let faults: Vec<(String, u64)> = chain
         .policies()
         .iter()

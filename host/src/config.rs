@@ -544,10 +544,19 @@ pub struct PolicyEngineConfig {
     /// The requirement when every policy abstains (default `may`).
     #[serde(default = "default_level")]
     pub default_level: TlsLevel,
-    /// Whether a `TLS-Required: No` header relaxes forced requirements to `may` (default true,
-    /// as RFC 8689 §5 asks).
-    #[serde(default = "yes")]
-    pub honor_tls_required_no: bool,
+    /// Whether a `TLS-Required: No` header (RFC 8689 §5) may relax a forced requirement to
+    /// `may`: `"never"` (default: a domain forced by local agreement is a promise that nothing
+    /// goes out in clear, whatever a message says), `"authenticated"` (only for messages whose
+    /// submitter used SMTP AUTH) or `"any"` (every client allowed to relay). RFC 8689 meant the
+    /// header to relax what a destination publishes (MTA-STS, DANE); the relay cannot tell
+    /// those from local agreements, hence opt-in. Every relaxation is logged at warn, counted
+    /// (`postwarden_tls_required_no_total{outcome="relaxed"}`) and credited to `tls-required-no(over
+    /// POLICY)`, never to the forcing policy. REQUIRETLS always wins over the header.
+    #[serde(default)]
+    pub tls_required_no: crate::policy::TlsRequiredNo,
+    /// Replaced by `tls_required_no`; present only to name the new key in the error.
+    #[serde(default, skip_serializing)]
+    pub honor_tls_required_no: Option<bool>,
     /// Policy calls that may run at once (default 128).
     #[serde(default = "default_concurrency")]
     pub max_concurrent_calls: u32,
@@ -559,7 +568,8 @@ impl Default for PolicyEngineConfig {
             cache_dir: default_cache_dir(),
             state_dir: default_state_dir(),
             default_level: default_level(),
-            honor_tls_required_no: true,
+            tls_required_no: crate::policy::TlsRequiredNo::Never,
+            honor_tls_required_no: None,
             max_concurrent_calls: default_concurrency(),
         }
     }
@@ -671,6 +681,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.policy_engine.honor_tls_required_no.is_some() {
+            return Err("policy_engine.honor_tls_required_no: replaced by \
+                        policy_engine.tls_required_no = \"never\" | \"authenticated\" | \"any\" \
+                        (default \"never\": TLS-Required: No no longer relaxes forced TLS \
+                        unless you opt in)"
+                .to_owned());
+        }
         self.delivery.parsed_routes()?;
         if self.policy_engine.max_concurrent_calls == 0 {
             return Err("policy_engine.max_concurrent_calls: must be at least 1".to_owned());

@@ -54,6 +54,7 @@ impl Spool for QueueSpool {
                 requiretls: submission.requiretls,
                 // RFC 8689 §5: with REQUIRETLS the header is ignored.
                 tls_required_no: submission.tls_required_no && !submission.requiretls,
+                authenticated: submission.authenticated_as.is_some(),
             };
             queue.accept_durably(message).await.map_err(|e| e.to_string())
         })

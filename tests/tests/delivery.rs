@@ -132,12 +132,30 @@ async fn requiretls_is_never_sent_in_plaintext_and_needs_the_next_hop_to_adverti
     );
 }
 
+/// `TLS-Required: No` keeps forced TLS forced by default; with `tls_required_no = "any"` it
+/// relaxes to plaintext, and the delivery is credited to the header, not to `forced`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_required_no_header_relaxes_forced_tls() {
-    let (_fleet, deliverer) = sim::fleet(&["CAP-02"]).await.unwrap();
+async fn tls_required_no_header_relaxes_forced_tls_only_when_opted_in() {
+    let (fleet, deliverer) = sim::fleet(&["CAP-02"]).await.unwrap();
     let (f, _e, _d) = chains::load(FORCED).unwrap();
     let out = sim::send(&deliverer, &f, "cap-02.sim.test", false, true).await;
-    assert!(matches!(status(&out), Status::Delivered { tls: None, .. }), "{out:?}");
+    assert!(matches!(status(&out), Status::Deferred { .. }), "{out:?}");
+    let mail_sent = fleet
+        .transcript("cap-02.sim.test")
+        .connections
+        .iter()
+        .flat_map(|c| &c.events)
+        .any(|e| matches!(e, Event::Received { line, .. } if line.to_ascii_uppercase().starts_with("MAIL")));
+    assert!(!mail_sent, "MAIL crossed a plaintext connection to a forced domain");
+
+    let (f, _e, _d) =
+        chains::load(&format!("[policy_engine]\ntls_required_no = \"any\"\n{FORCED}")).unwrap();
+    let out = sim::send(&deliverer, &f, "cap-02.sim.test", false, true).await;
+    assert!(
+        matches!(status(&out), Status::Delivered { tls: None, decided_by, requirement, .. }
+            if decided_by == "tls-required-no(over forced)" && requirement == "may"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,9 +28,7 @@ use self::reuse::{ConnectionCache, Key, Parked, ReuseLimits};
 use self::route::{MxHost, Router};
 use self::tls::TlsContext;
 use crate::policy::chain::REQUIRETLS_CODE;
-use crate::policy::{
-    Action, Chain, Context, Decider, DeliveryReport, Failure, Plan, Requirement, Verdict,
-};
+use crate::policy::{Action, Chain, Context, DeliveryReport, Failure, Plan, Requirement, Verdict};
 use crate::smtp::Reply;
 
 /// One message to deliver.
@@ -44,6 +42,8 @@ pub struct Message<'a> {
     pub requiretls: bool,
     /// The message carries `TLS-Required: No`.
     pub tls_required_no: bool,
+    /// The submitter logged in with SMTP AUTH.
+    pub authenticated: bool,
     /// Delivery attempt number, from 1.
     pub attempt: u32,
     /// Seconds since acceptance.
@@ -224,6 +224,7 @@ impl Deliverer {
                     message_age: message.age,
                     requiretls: message.requiretls,
                     tls_required_no: message.tls_required_no,
+                    authenticated: message.authenticated,
                 };
                 let plan = chain.plan(&ctx);
                 let requirement = match &plan.verdict {
@@ -303,10 +304,9 @@ impl Deliverer {
         via: DeliveredVia,
         tls_log: String,
     ) -> DomainOutcome {
-        let decided_by = match &plan.decider {
-            Decider::Policy(name) => name.clone(),
-            Decider::Default => "(default)".to_owned(),
-        };
+        // `tls-required-no(over NAME)` when the header relaxed a forced answer: the plaintext
+        // delivery is not credited to the forcing policy.
+        let decided_by = plan.decider.to_string();
         let mut any_delivered = false;
         let recipients = rcpts
             .iter()

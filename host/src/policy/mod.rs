@@ -20,7 +20,7 @@ pub mod types;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use chain::{Chain, Decider, Plan, Response, Verdict};
+pub use chain::{Chain, Decider, Plan, Response, TlsRequiredNo, Verdict};
 pub use engine::{
     CompileSource, ComponentInfo, EngineOptions, LoadError, PolicyEngine, PolicySource,
 };
@@ -121,7 +121,7 @@ pub fn load_chain(
     Ok(Chain::new(
         policies,
         config.policy_engine.default_level,
-        config.policy_engine.honor_tls_required_no,
+        config.policy_engine.tls_required_no,
     ))
 }
 

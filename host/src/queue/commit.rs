@@ -101,6 +101,7 @@ mod tests {
                     next_attempt: 0,
                     requiretls: false,
                     tls_required_no: false,
+                    authenticated: false,
                     warned: false,
                 };
                 committer.insert(envelope.clone(), format!("body {n}").into_bytes()).await?;
