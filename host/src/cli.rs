@@ -238,8 +238,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// `check-config`.
+///
+/// The same checks as `run` ([`Config::check`] and the policy chain), so a file that passes
+/// here does not fail at start.
 pub fn check_config(path: &Path, out: &mut String) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
+    config.check().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let engine = policy::engine_from_config(&config)?;
     let chain = policy::load_chain(&engine, &config, StateMode::Snapshot)?;
     writeln!(out, "{}: ok ({} policies)", path.display(), chain.policies().len())?;

@@ -622,6 +622,43 @@ impl PolicyConfig {
     }
 }
 
+/// What [`Config::check`] built from the files a configuration names: `run` starts from
+/// these, so a file `check-config` accepts is a file `run` accepts.
+pub struct Checked {
+    /// The SMTP listener's options (certificate, key and credentials read).
+    pub inbound: crate::inbound::InboundOptions,
+    /// The outbound delivery engine (CA files read, routes and DNS servers parsed).
+    pub deliverer: std::sync::Arc<crate::delivery::Deliverer>,
+}
+
+impl std::fmt::Debug for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checked").finish_non_exhaustive()
+    }
+}
+
+/// The keys a SIGHUP can change without a restart. Everything else must stay as it was, or the
+/// whole reload is refused naming the keys that differ.
+pub const RELOADABLE: &[&str] = &[
+    "policy_engine.default_level",
+    "policy_engine.tls_required_no",
+    "policy (every [[policy]] table)",
+    "inbound.relay_networks",
+    "inbound.max_message_size",
+    "inbound.max_recipients",
+    "inbound.idle_timeout",
+    "inbound.tls_cert",
+    "inbound.tls_key",
+    "inbound.tls_self_signed",
+    "inbound.credentials_file",
+    "delivery.port",
+    "delivery.dns_servers",
+    "delivery.mx_shuffle_seed",
+    "delivery.routes",
+    "delivery.timeouts",
+    "tls (webpki_roots, ca_files)",
+];
+
 /// A configuration error, naming the file and, where known, the key.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {message}", path.display())]
@@ -680,7 +717,89 @@ impl Config {
         }
     }
 
+    /// The one validation path of `run`, `check-config` and SIGHUP: reads every file the
+    /// configuration names (inbound certificate and key, credentials, CA files), builds the
+    /// delivery engine (routes, DNS servers) and checks the spool directory. The policies are
+    /// loaded separately ([`crate::policy::load_chain`]), by the same callers.
+    pub fn check(&self) -> Result<Checked, String> {
+        check_spool_dir(&self.queue.dir)?;
+        let inbound = self.inbound.options(&self.delivery.helo_name)?;
+        let deliverer = crate::delivery::Deliverer::from_config(self)?;
+        Ok(Checked { inbound, deliverer })
+    }
+
+    /// The keys that differ between `self` (running) and `new` and cannot change without a
+    /// restart, in file order; empty if `new` can be reloaded. Keys not in [`RELOADABLE`] are
+    /// compared, so a key added later is restart-only until its reload is implemented.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
+        let neutral = |c: &Config| {
+            let mut c = c.clone();
+            c.policy_engine.default_level = TlsLevel::May;
+            c.policy_engine.tls_required_no = crate::policy::TlsRequiredNo::Never;
+            c.policies.clear();
+            let inbound = &mut c.inbound;
+            inbound.relay_networks.clear();
+            inbound.max_message_size = 0;
+            inbound.max_recipients = 0;
+            inbound.idle_timeout = 0;
+            inbound.tls_cert = None;
+            inbound.tls_key = None;
+            inbound.tls_self_signed = false;
+            inbound.credentials_file = None;
+            c.delivery.port = 0;
+            c.delivery.dns_servers.clear();
+            c.delivery.mx_shuffle_seed = None;
+            c.delivery.routes.clear();
+            c.delivery.timeouts = TimeoutsConfig::default();
+            c.tls = TlsConfig::default();
+            c
+        };
+        let (old, new) = (neutral(self), neutral(new));
+        let mut changed = Vec::new();
+        let sections: [(&str, String, String); 7] = [
+            (
+                "policy_engine",
+                format!("{:#?}", old.policy_engine),
+                format!("{:#?}", new.policy_engine),
+            ),
+            ("delivery", format!("{:#?}", old.delivery), format!("{:#?}", new.delivery)),
+            ("tls", format!("{:#?}", old.tls), format!("{:#?}", new.tls)),
+            ("queue", format!("{:#?}", old.queue), format!("{:#?}", new.queue)),
+            ("inbound", format!("{:#?}", old.inbound), format!("{:#?}", new.inbound)),
+            ("admin", format!("{:#?}", old.admin), format!("{:#?}", new.admin)),
+            ("logging", format!("{:#?}", old.logging), format!("{:#?}", new.logging)),
+        ];
+        for (section, old, new) in sections {
+            let (old, new) = (debug_fields(&old), debug_fields(&new));
+            for (key, value) in &new {
+                if old.iter().find(|(k, _)| k == key).map(|(_, v)| v) != Some(value) {
+                    changed.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        changed
+    }
+
     fn validate(&self) -> Result<(), String> {
+        if self.inbound.idle_timeout == 0 {
+            return Err("inbound.idle_timeout: must be at least 1 second".to_owned());
+        }
+        let t = &self.delivery.timeouts;
+        for (key, value) in [
+            ("connect", t.connect),
+            ("greeting", t.greeting),
+            ("command", t.command),
+            ("tls_handshake", t.tls_handshake),
+            ("data_init", t.data_init),
+            ("data_block", t.data_block),
+            ("final_dot", t.final_dot),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!(
+                    "delivery.timeouts.{key}: must be a positive number of seconds"
+                ));
+            }
+        }
         if self.policy_engine.honor_tls_required_no.is_some() {
             return Err("policy_engine.honor_tls_required_no: replaced by \
                         policy_engine.tls_required_no = \"never\" | \"authenticated\" | \"any\" \
@@ -724,6 +843,61 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The spool directory must be a directory (or creatable: its nearest existing ancestor is a
+/// directory), and so must its `tmp`, `msg` and `env` if they exist. Nothing is created here:
+/// `check-config` changes nothing on disk.
+fn check_spool_dir(dir: &Path) -> Result<(), String> {
+    let key = || format!("queue.dir ({})", dir.display());
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            for sub in ["tmp", "msg", "env"] {
+                let path = dir.join(sub);
+                match std::fs::metadata(&path) {
+                    Ok(meta) if !meta.is_dir() => {
+                        return Err(format!("{}: {sub} is not a directory", key()));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("{}: {sub}: {e}", key())),
+                }
+            }
+            if meta.permissions().readonly() {
+                return Err(format!("{}: not writable", key()));
+            }
+            std::fs::read_dir(dir).map(drop).map_err(|e| format!("{}: {e}", key()))
+        }
+        Ok(_) => Err(format!("{}: not a directory", key())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ancestor = dir.ancestors().skip(1).find(|a| a.exists());
+            match ancestor {
+                Some(a) if a.is_dir() => Ok(()),
+                Some(a) => {
+                    Err(format!("{}: cannot be created: {} is not a directory", key(), a.display()))
+                }
+                None => Ok(()),
+            }
+        }
+        Err(e) => Err(format!("{}: {e}", key())),
+    }
+}
+
+/// The top-level fields of a `{:#?}` rendering: `(name, rendered value)`, in order.
+fn debug_fields(pretty: &str) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in pretty.lines().skip(1) {
+        let field = line.strip_prefix("    ").filter(|l| !l.starts_with(' '));
+        match field.and_then(|l| l.split_once(": ")) {
+            Some((name, value)) => fields.push((name.to_owned(), value.to_owned())),
+            None => {
+                if let Some((_, value)) = fields.last_mut() {
+                    value.push_str(line);
+                }
+            }
+        }
+    }
+    fields
 }
 
 /// Toml's messages carry line, column and a snippet; keep them and name the key when known.

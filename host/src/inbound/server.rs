@@ -38,7 +38,19 @@ pub async fn serve(
     spool: Arc<dyn Spool>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    serve_reloadable(listener, watch::channel(options).1, spool, shutdown).await;
+}
+
+/// [`serve`] with options that can be replaced while it runs (SIGHUP): each new connection
+/// takes the options current when it is accepted; connections already open keep theirs.
+/// `max_connections` is read once, at start.
+pub async fn serve_reloadable(
+    listener: TcpListener,
+    options: watch::Receiver<Arc<InboundOptions>>,
+    spool: Arc<dyn Spool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(options.borrow().max_connections.max(1)));
     let mut connections = JoinSet::new();
     let mut stop = shutdown.clone();
     loop {
@@ -54,6 +66,7 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let options = options.borrow().clone();
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     refuse(&stream, &options);
                     tracing::warn!(%client, "connection refused: too many connections");

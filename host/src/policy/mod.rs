@@ -50,6 +50,11 @@ impl ChainHandle {
         self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// Puts `chain` in force; calls in flight finish with the chain they started with.
+    pub fn replace(&self, chain: Chain) {
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(chain);
+    }
+
     /// Loads the chain described by `config` and, only if every policy loads and configures,
     /// puts it in force. On error the previous chain stays and the error is returned.
     pub fn reload(&self, engine: &PolicyEngine, config: &Config) -> Result<(), LoadError> {
