@@ -4,28 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use postwarden::delivery::client::{Client, Envelope, PlaintextPermit, RcptResult, Timeouts};
-use postwarden::policy::{Requirement, TlsLevel};
 use postwarden::service::Relay;
 use postwarden_tests::{chains, sim};
 
 async fn submit(relay: &Relay, from: &str, to: &str) {
-    let (mut client, _) =
-        Client::connect(relay.smtp_addr, Timeouts::all(Duration::from_secs(5))).await.unwrap();
-    client.ehlo("app.client.example").await.unwrap();
     let body = format!("From: <{from}>\r\nTo: <{to}>\r\nSubject: invoice\r\n\r\nsecret\r\n");
-    let rcpts = [to.to_owned()];
-    let envelope = Envelope {
-        mail_from: from,
-        rcpts: &rcpts,
-        size: body.len() as u64,
-        eight_bit: false,
-        requiretls: false,
-    };
-    let permit = PlaintextPermit::new(&Requirement::new(TlsLevel::May), false).unwrap();
-    let results = client.transaction_plaintext(&permit, &envelope, body.as_bytes()).await.unwrap();
-    assert!(matches!(results[0], RcptResult::Delivered(_)), "{results:?}");
-    client.quit().await;
+    let submission =
+        postwarden_tests::submit::Submission { from, to: &[to], body: &body, ..Default::default() };
+    let replies = postwarden_tests::submit::submit(relay.smtp_addr, &submission).await.unwrap();
+    assert!(replies.queued(), "{replies:?}");
 }
 
 /// Forced TLS to a domain without STARTTLS: the message is never sent in plaintext; once its

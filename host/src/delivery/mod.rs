@@ -504,7 +504,7 @@ impl Deliverer {
         );
         let plaintext_action =
             matches!(response.action, Action::ContinuePlaintext | Action::ReconnectPlaintext);
-        if plaintext_action && PlaintextPermit::new(a.requirement, a.message.requiretls).is_none() {
+        if plaintext_action && PlaintextPermit::from_plan(a.plan, a.message.requiretls).is_none() {
             return HostResult::Final(forced_plaintext_refused(a.requirement));
         }
         match response.action {
@@ -571,7 +571,7 @@ impl Attempt<'_> {
     /// The transaction in plaintext, if the requirement allows it: the permit is checked here,
     /// once, for every path that leads to plaintext (requirement `none`, continue, reconnect).
     async fn plaintext(&self, mut client: Client<TcpStream>, fallback: Fallback) -> HostResult {
-        let Some(permit) = PlaintextPermit::new(self.requirement, self.message.requiretls) else {
+        let Some(permit) = PlaintextPermit::from_plan(self.plan, self.message.requiretls) else {
             client.quit().await;
             return HostResult::Final(forced_plaintext_refused(self.requirement));
         };
