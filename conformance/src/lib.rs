@@ -314,7 +314,8 @@ fn judge(
         if !ok {
             problems.push(format!("{local}: expected {expected}, got {got}"));
         }
-        if let (Some(via), Some(mx)) = (scenario.expected.via(expectations.default), got.mx())
+        if let (Some(via), Some(mx)) =
+            (scenario.expected.via(expectations.column_of(scenario)), got.mx())
             && !mx.starts_with(&format!("{via}."))
             && matches!(expected, Expected::Catalogue(_))
         {
