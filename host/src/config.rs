@@ -557,7 +557,10 @@ pub struct PolicyEngineConfig {
     /// Replaced by `tls_required_no`; present only to name the new key in the error.
     #[serde(default, skip_serializing)]
     pub honor_tls_required_no: Option<bool>,
-    /// Policy calls that may run at once (default 128).
+    /// Instance slots of the policy engine's pooling allocator (default 128): memory is
+    /// reserved for that many policy stores. It does not make calls run in parallel: calls run
+    /// at most one per CPU (the call gate, `policy/gate.rs`) and queue before their store is
+    /// created.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_calls: u32,
 }

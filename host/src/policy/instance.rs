@@ -35,11 +35,13 @@ const MAX_TABLE_ENTRIES: usize = 2_000_000;
 /// (100,000 domains) that the decisions then read from the host. Decisions must be fast.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Limits {
-    /// Wall-clock budget per decision call, enforced by epoch interruption (1 ms resolution).
+    /// CPU-time budget per decision call: the call's thread CPU time, checked at each epoch
+    /// tick (1 ms resolution); time spent waiting for a CPU is not charged, and a wall-clock
+    /// ceiling of 20 budgets (at least 1 s) still ends a starved call ([`CpuClock`]).
     pub deadline: Duration,
     /// Largest linear memory during a decision call, in bytes.
     pub memory: usize,
-    /// Wall-clock budget of `configure`.
+    /// CPU-time budget of `configure`, counted the same way.
     pub configure_deadline: Duration,
     /// Largest linear memory during `configure`, in bytes.
     pub configure_memory: usize,
