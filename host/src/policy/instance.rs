@@ -37,7 +37,7 @@ const MAX_TABLE_ENTRIES: usize = 2_000_000;
 pub struct Limits {
     /// CPU-time budget per decision call: the call's thread CPU time, checked at each epoch
     /// tick (1 ms resolution); time spent waiting for a CPU is not charged, and a wall-clock
-    /// ceiling of 20 budgets (at least 1 s) still ends a starved call ([`CpuClock`]).
+    /// ceiling of 20 budgets (at least 1 s) still ends a starved call (`CpuClock`).
     pub deadline: Duration,
     /// Largest linear memory during a decision call, in bytes.
     pub memory: usize,
