@@ -948,6 +948,33 @@ fn default_configure_memory_mib() -> u64 {
 mod tests {
     use super::*;
 
+    /// What SIGHUP may change and what it must refuse, by key name.
+    #[test]
+    fn restart_only_changes_are_named_and_reloadable_ones_are_not() {
+        let path = Path::new("/etc/postwarden/relay.toml");
+        let running = Config::parse("[queue]\ndir = \"spool\"\n", path).unwrap();
+        let reloadable = Config::parse(
+            "[policy_engine]\ntls_required_no = \"authenticated\"\n\
+             [delivery]\nport = 2525\n[delivery.routes]\n\"a.example\" = \"[10.0.0.1]\"\n\
+             [delivery.timeouts]\nconnect = 5\n[tls]\nwebpki_roots = false\n\
+             [queue]\ndir = \"spool\"\n\
+             [inbound]\nrelay_networks = [\"10.0.0.0/8\"]\nmax_recipients = 5\nidle_timeout = 9\n",
+            path,
+        )
+        .unwrap();
+        assert_eq!(running.restart_only_changes(&reloadable), Vec::<String>::new());
+        let restart = Config::parse(
+            "[queue]\ndir = \"other\"\nconcurrency = 3\n[inbound]\nlisten = \"127.0.0.1:2526\"\n\
+             [logging]\nformat = \"json\"\n",
+            path,
+        )
+        .unwrap();
+        assert_eq!(
+            running.restart_only_changes(&restart),
+            ["queue.dir", "queue.concurrency", "inbound.listen", "logging.format"]
+        );
+    }
+
     #[test]
     fn errors_name_file_and_key() {
         let path = Path::new("/etc/postwarden/relay.toml");
