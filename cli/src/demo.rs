@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use postwarden::config::Config;
-use postwarden::delivery::client::{Client, Envelope, PlaintextPermit, Timeouts};
 use postwarden::delivery::{Fallback, Status};
-use postwarden::policy::{Requirement, TlsLevel};
 use postwarden::service::Relay;
 use postwarden_sim::scenario::Policy;
 use postwarden_sim::server::Timing;
@@ -284,36 +282,55 @@ listen = "127.0.0.1:0"
     Ok(Config::load(&path)?)
 }
 
-/// Submits a message over SMTP to the relay.
+/// Submits a message over SMTP to the relay, as an application on loopback would: a client
+/// of its own, not the relay's outbound one (whose plaintext transactions need a permit that
+/// only the policy chain's verdict can mint).
 async fn submit(
     addr: std::net::SocketAddr,
     rcpts: &[String],
     scenario: &Scenario,
 ) -> anyhow::Result<()> {
-    let (mut client, greeting) =
-        Client::connect(addr, Timeouts::all(Duration::from_secs(10))).await?;
-    anyhow::ensure!(greeting.code() == 220, "relay greeted with {greeting}");
-    client.ehlo("demo-client.postwarden.test").await?;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufStream};
+    async fn reply(io: &mut BufStream<tokio::net::TcpStream>) -> anyhow::Result<String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), io.read_line(&mut line));
+            anyhow::ensure!(read.await.context("reply timed out")?? > 0, "eof after {all:?}");
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(all);
+            }
+        }
+    }
+    async fn command(
+        io: &mut BufStream<tokio::net::TcpStream>,
+        line: &str,
+        code: &str,
+    ) -> anyhow::Result<()> {
+        io.write_all(format!("{line}\r\n").as_bytes()).await?;
+        io.flush().await?;
+        let reply = reply(io).await?;
+        anyhow::ensure!(reply.starts_with(code), "the relay answered {line:?} with {reply:?}");
+        Ok(())
+    }
+    let mut io = BufStream::new(tokio::net::TcpStream::connect(addr).await?);
+    anyhow::ensure!(reply(&mut io).await?.starts_with("220"), "the relay did not greet");
+    command(&mut io, "EHLO demo-client.postwarden.test", "250").await?;
+    command(&mut io, "MAIL FROM:<demo@postwarden.test>", "250").await?;
+    for rcpt in rcpts {
+        command(&mut io, &format!("RCPT TO:<{rcpt}>"), "250").await?;
+    }
+    command(&mut io, "DATA", "354").await?;
+    // Scenario descriptions never start a line with a dot.
     let body = format!(
-        "From: demo@postwarden.test\r\nTo: {}\r\nSubject: {}\r\n\r\n{}\r\n",
+        "From: demo@postwarden.test\r\nTo: {}\r\nSubject: {}\r\n\r\n{}\r\n.",
         rcpts.join(", "),
         scenario.id,
         scenario.description
     );
-    let permit = PlaintextPermit::new(&Requirement::new(TlsLevel::May), false).context("permit")?;
-    let envelope = Envelope {
-        mail_from: "demo@postwarden.test",
-        rcpts,
-        size: body.len() as u64,
-        eight_bit: false,
-        requiretls: false,
-    };
-    let results = client.transaction_plaintext(&permit, &envelope, body.as_bytes()).await?;
-    client.quit().await;
-    anyhow::ensure!(
-        results.iter().all(|r| matches!(r, postwarden::delivery::client::RcptResult::Delivered(_))),
-        "the relay refused the message: {results:?}"
-    );
+    command(&mut io, &body, "250").await?;
+    let _ = command(&mut io, "QUIT", "221").await;
     Ok(())
 }
 

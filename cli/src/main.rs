@@ -29,7 +29,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Top {
     /// Run the relay: SMTP listener, queue, deliveries. SIGTERM stops it (in-flight
-    /// deliveries get `--grace` seconds), SIGHUP reloads the policies.
+    /// deliveries get `--grace` seconds), SIGHUP reloads the configuration (all of it, or
+    /// nothing when a restart-only key changed or something fails to load).
     Run {
         /// The configuration file.
         #[arg(long, short)]
@@ -115,8 +116,11 @@ async fn run(path: PathBuf, grace: Duration) -> anyhow::Result<ExitCode> {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = hup.recv() => match Config::load(&path).map_err(anyhow::Error::from).and_then(|c| relay.reload(&c).map_err(Into::into)) {
-                Ok(()) => tracing::info!("policies reloaded"),
-                Err(e) => tracing::error!("reload refused, keeping the running policies: {e:#}"),
+                Ok(reloaded) => tracing::info!(
+                    policies = reloaded.policies,
+                    "configuration reloaded: policies, relay networks, inbound limits and certificates, routes, CA files and timeouts in force"
+                ),
+                Err(e) => tracing::error!("reload refused, nothing changed: {e:#}"),
             },
         }
     }

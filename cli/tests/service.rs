@@ -239,52 +239,176 @@ fn http_get(port: u16, path: &str) -> String {
     response
 }
 
-/// SIGHUP reloads the policies; a configuration that fails to load keeps the running chain and
-/// the relay alive.
+/// The relay with its log (JSON lines on stderr) read by a thread: tests wait for a log line
+/// (an event), never for time to pass.
+struct Logged {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Logged {
+    fn start(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_postwarden"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Logged { child, lines }
+    }
+
+    /// The next log line containing `needle` (earlier lines are consumed).
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with {needle:?}: {e}"),
+            }
+        }
+    }
+
+    fn hup(&self) {
+        let status = Command::new("kill").arg("-HUP").arg(self.child.id().to_string()).status();
+        assert!(status.unwrap().success());
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+/// The reply to `RCPT TO:<user@example.com>` from a client on 127.0.0.1.
+fn rcpt_reply(port: u16) -> String {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut reply = || {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "eof after {all:?}");
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    };
+    assert!(reply().starts_with("220"));
+    writer.write_all(b"EHLO app.example\r\n").unwrap();
+    assert!(reply().starts_with("250"));
+    writer.write_all(b"MAIL FROM:<app@client.example>\r\n").unwrap();
+    assert!(reply().starts_with("250"));
+    writer.write_all(b"RCPT TO:<user@example.com>\r\n").unwrap();
+    let rcpt = reply();
+    let _ = writer.write_all(b"QUIT\r\n");
+    rcpt
+}
+
+/// SIGHUP puts a changed configuration in force as one change, or refuses all of it and says
+/// why: policies and a narrowed `relay_networks` take effect (a real client is then refused);
+/// a changed restart-only key is refused with its name logged and nothing else changes; a
+/// policy that fails to configure is refused too, and the relay lives on.
 #[test]
-fn sighup_reloads_policies_and_keeps_them_on_error() {
+fn sighup_reloads_what_it_can_as_one_change_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (port, admin) = (free_port(), free_port());
-    let config_with = |name: &str, level: &str| {
+    let config_with = |name: &str, level: &str, networks: &str, spool: &str| {
         format!(
             "[policy_engine]\ncache_dir = \"cache\"\nstate_dir = \"state\"\n\
              [[policy]]\nname = \"{name}\"\npath = \"{}\"\n[policy.settings.domains]\n\"example.com\" = \"{level}\"\n\
-             [queue]\ndir = \"spool\"\n[inbound]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+             [delivery.routes]\n\"example.com\" = \"[127.0.0.1]:1\"\n\
+             [queue]\ndir = \"{spool}\"\nmin_backoff = 3600\n\
+             [inbound]\nlisten = \"127.0.0.1:{port}\"\nrelay_networks = [{networks}]\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n[logging]\nformat = \"json\"\n",
             postwarden_tests::wasm::policy("forced-tls").display()
         )
     };
+    let loopback = "\"127.0.0.0/8\"";
     let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config_with("first", "verify")).unwrap();
-    let mut relay = start(&path);
-    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
-    wait_listening(format!("127.0.0.1:{admin}").parse().unwrap());
+    std::fs::write(&path, config_with("first", "verify", loopback, "spool")).unwrap();
+    let relay = Logged::start(&path);
+    relay.wait_for("postwarden running");
     assert!(http_get(admin, "/metrics").contains("policy=\"first\""));
+    assert!(rcpt_reply(port).starts_with("250"), "loopback may relay");
 
-    let hup = |pid: u32| Command::new("kill").arg("-HUP").arg(pid.to_string()).status().unwrap();
-    let wait_for = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if http_get(admin, "/metrics").contains(needle) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "metrics never showed {needle}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    std::fs::write(&path, config_with("second", "encrypt")).unwrap();
-    hup(relay.id());
-    wait_for("policy=\"second\"");
+    // Policies and relay networks together.
+    std::fs::write(&path, config_with("second", "encrypt", "\"10.0.0.0/8\"", "spool")).unwrap();
+    relay.hup();
+    relay.wait_for("configuration reloaded");
+    assert!(http_get(admin, "/metrics").contains("policy=\"second\""));
+    let refused = rcpt_reply(port);
+    assert!(refused.starts_with("554"), "a narrowed relay_networks takes effect: {refused}");
 
-    // `may` is not a forced level: forced-tls's configure refuses it, the reload is refused.
-    std::fs::write(&path, config_with("third", "may")).unwrap();
-    hup(relay.id());
-    std::thread::sleep(Duration::from_millis(500));
+    // A restart-only key (the spool directory) with reloadable ones: all refused, by name.
+    std::fs::write(&path, config_with("third", "encrypt", loopback, "spool2")).unwrap();
+    relay.hup();
+    let line = relay.wait_for("reload refused");
+    assert!(line.contains("queue.dir"), "{line}");
     let metrics = http_get(admin, "/metrics");
-    assert!(
-        metrics.contains("policy=\"second\"") && !metrics.contains("policy=\"third\""),
-        "{metrics}"
-    );
-    assert!(relay.try_wait().unwrap().is_none(), "the relay must survive a bad reload");
-    let _ = Command::new("kill").arg("-TERM").arg(relay.id().to_string()).status();
-    assert!(relay.wait().unwrap().success());
+    assert!(metrics.contains("policy=\"second\"") && !metrics.contains("policy=\"third\""));
+    assert!(rcpt_reply(port).starts_with("554"), "relay_networks did not change either");
+
+    // `may` is not a forced level: forced-tls's configure refuses it, so does the reload.
+    std::fs::write(&path, config_with("fourth", "may", loopback, "spool")).unwrap();
+    relay.hup();
+    relay.wait_for("reload refused");
+    let metrics = http_get(admin, "/metrics");
+    assert!(metrics.contains("policy=\"second\"") && !metrics.contains("policy=\"fourth\""));
+    assert!(rcpt_reply(port).starts_with("554"));
+    relay.stop();
+}
+
+/// `check-config` runs the checks `run` runs: each of these files used to pass it and then
+/// fail at start (or, for the zero timeout, run with a useless value).
+#[test]
+fn check_config_refuses_what_run_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("garbage.pem"), "not a certificate\n").unwrap();
+    std::fs::write(d.join("users-bad"), "alice plaintext-password\n").unwrap();
+    std::fs::write(d.join("a-file"), "").unwrap();
+    let base = "[policy_engine]\ncache_dir = \"cache\"\nstate_dir = \"state\"\n";
+    let check = |extra: &str| {
+        let path = d.join("relay.toml");
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_postwarden"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, stderr) = check("[queue]\ndir = \"spool\"\n");
+    assert!(ok, "the base file is fine: {stderr}");
+    for (extra, key) in [
+        ("[inbound]\ntls_cert = \"missing.pem\"\ntls_key = \"missing.key\"\n", "inbound.tls_cert"),
+        ("[inbound]\ntls_cert = \"garbage.pem\"\ntls_key = \"garbage.pem\"\n", "inbound.tls_"),
+        ("[tls]\nca_files = [\"garbage.pem\"]\n", "tls.ca_files[0]"),
+        ("[tls]\nca_files = [\"missing.pem\"]\n", "tls.ca_files[0]"),
+        ("[inbound]\ncredentials_file = \"missing-users\"\n", "inbound.credentials_file"),
+        ("[inbound]\ncredentials_file = \"users-bad\"\n", "inbound.credentials_file"),
+        ("[queue]\ndir = \"a-file\"\n", "queue.dir"),
+        ("[queue]\ndir = \"a-file/spool\"\n", "queue.dir"),
+        ("[inbound]\nidle_timeout = 0\n", "inbound.idle_timeout"),
+        ("[delivery.timeouts]\nconnect = 0\n", "delivery.timeouts.connect"),
+    ] {
+        let (ok, stderr) = check(extra);
+        assert!(!ok, "check-config accepted:\n{extra}");
+        assert!(stderr.contains(key), "{extra}: the error does not name {key}: {stderr}");
+    }
 }

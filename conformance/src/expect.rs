@@ -111,9 +111,13 @@ impl Expectations {
         if let Some(expect) = self.overrides.get(scenario.id) {
             return Expected::File(expect.clone());
         }
+        Expected::Catalogue(scenario.expected.outcome(self.column_of(scenario)))
+    }
+
+    /// The catalogue column that applies to `scenario`: its family's, else the default.
+    pub fn column_of(&self, scenario: &Scenario) -> Policy {
         let family = scenario.id.split('-').next().unwrap_or_default();
-        let column = self.families.get(family).copied().unwrap_or(self.default);
-        Expected::Catalogue(scenario.expected.outcome(column))
+        self.families.get(family).copied().unwrap_or(self.default)
     }
 }
 

@@ -4,8 +4,12 @@
 //! fleet: a message accepted inside TLS is TLS; accepted in plaintext it is PLAIN, or PLAIN*
 //! when an earlier connection to that MX tried STARTTLS; a DSN arriving back at the sender's
 //! mailbox (hosted by the fleet's healthy `cap-01.sim.test`) is BOUNCE; nothing within the
-//! window is DEFER. Codes are not observable from outside, so any deferral or bounce matches.
-//! Each recipient gets its own message and its own sender address, so a DSN names exactly one.
+//! window is DEFER, but only with evidence: the relay must have connected to the scenario's
+//! MX hosts (a relay that never connects would otherwise pass every deferral row), unless none
+//! of them listens. A delivery must reach the MX host the catalogue names for the column (MX-03:
+//! under verify, the valid mx2, not the self-signed mx1). Codes are not observable from
+//! outside, so any deferral or bounce matches. Each recipient gets its own message and its own
+//! sender address, so a DSN names exactly one.
 //!
 //! Invariant I9 (a delivery is backed by a transaction the server saw through) is judged two
 //! ways from outside. The out-of-step scenarios expect delivery through a healthy backup MX, so
@@ -78,10 +82,17 @@ pub async fn run_external(
 
     let mut results: Vec<ScenarioResult> = Vec::new();
     for (scenario, expected, rcpt, sender) in &submitted {
-        let observed =
-            observe(fleet, scenario, rcpt, sender).unwrap_or(Observed::Defer(String::new()));
         let local = rcpt.split('@').next().unwrap_or_default().to_owned();
         let mut problems = Vec::new();
+        let observed = match observe(fleet, scenario, rcpt, sender) {
+            Some(observed) => observed,
+            None => {
+                if let Some(missing) = deferral_without_evidence(fleet, scenario) {
+                    problems.push(format!("{local}: {missing}"));
+                }
+                Observed::Defer(String::new())
+            }
+        };
         let want = match expected {
             Expected::Catalogue(Outcome::Split(parts)) => {
                 parts.iter().find(|(l, _)| *l == local).map(|(_, o)| Expected::Catalogue(*o))
@@ -92,6 +103,13 @@ pub async fn run_external(
             && !accepts_blackbox(want, &observed)
         {
             problems.push(format!("{local}: expected {want}, got {observed}"));
+        }
+        if let (Some(via), Some(mx)) =
+            (scenario.expected.via(expectations.column_of(scenario)), observed.mx())
+            && !mx.starts_with(&format!("{via}."))
+            && matches!(want, Some(Expected::Catalogue(_)))
+        {
+            problems.push(format!("{local}: expected delivery via {via}, got {mx}"));
         }
         let transcript = fleet.transcript(&scenario.domain());
         let forced = expectations.default.is_forced()
@@ -214,6 +232,21 @@ fn accepts_blackbox(expected: &Expected, observed: &Observed) -> bool {
         Expected::File(Expect::Defer(_)) => matches!(observed, Observed::Defer(_)),
         Expected::File(expect) => crate::expect::expect_accepts(expect, observed),
     }
+}
+
+/// Why "nothing arrived" is not evidence of a deferral for `scenario`, if it is not: the
+/// relay never connected to any of its MX hosts although one listens.
+fn deferral_without_evidence(fleet: &Fleet, scenario: &Scenario) -> Option<String> {
+    let route = fleet.route(&scenario.domain())?;
+    if !route.mx.iter().any(|mx| mx.listening) {
+        // Nothing to connect to (GRT-01): a refused connection leaves no trace to check.
+        return None;
+    }
+    let transcript = fleet.transcript(&scenario.domain());
+    transcript.connections.is_empty().then(|| {
+        "no delivery, and the relay never connected to any MX host: no evidence of a deferral"
+            .to_owned()
+    })
 }
 
 /// What the fleet saw for one recipient, if anything yet.

@@ -61,10 +61,25 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         }
         request.extend_from_slice(&chunk[..n]);
     }
-    let line = String::from_utf8_lossy(&request);
+    let line = String::from_utf8_lossy(&request).into_owned();
+    // Every page reads the spool (each envelope, per request): that is blocking file I/O, so
+    // it runs on the blocking pool, not on an async worker (ARCHITECTURE.md).
+    let state = state.clone();
+    let page = tokio::task::spawn_blocking(move || page(&line, &state));
+    let (status, content_type, body) = page.await.map_err(std::io::Error::other)?;
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Status, content type and body for the request line `line`.
+fn page(line: &str, state: &AdminState) -> (&'static str, &'static str, String) {
     let mut words = line.split_whitespace();
     let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
-    let (status, content_type, body) = match (method, path) {
+    match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(state)),
         ("GET", "/queue") => ("200 OK", "application/json", queue_json(state, None)),
         ("GET", p) if p.starts_with("/queue/") => {
@@ -81,13 +96,7 @@ async fn handle(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
             ("404 Not Found", "text/plain", "try /metrics, /queue or /queue/<id>\n".to_owned())
         }
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    }
 }
 
 /// The Prometheus exposition.
@@ -180,6 +189,15 @@ pub fn metrics(state: &AdminState) -> String {
         &[
             ("{decided=\"policy\"}", counters.decided.load(Ordering::Relaxed)),
             ("{decided=\"default\"}", counters.defaulted.load(Ordering::Relaxed)),
+        ],
+    );
+    counter(
+        "postwarden_tls_required_no_total",
+        "Plans of a forced requirement for a message with `TLS-Required: No`: relaxed to may \
+         (policy_engine.tls_required_no allowed it) or ignored (forced kept).",
+        &[
+            ("{outcome=\"relaxed\"}", counters.tls_required_no_relaxed.load(Ordering::Relaxed)),
+            ("{outcome=\"ignored\"}", counters.tls_required_no_ignored.load(Ordering::Relaxed)),
         ],
     );
     let faults: Vec<(String, u64)> = chain

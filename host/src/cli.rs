@@ -117,6 +117,9 @@ pub enum PolicyCommand {
         /// The message carries `TLS-Required: No`.
         #[arg(long)]
         tls_required_no: bool,
+        /// The message's submitter logged in with SMTP AUTH.
+        #[arg(long)]
+        authenticated: bool,
     },
     /// Create a policy project (Rust, Python or JavaScript) that builds and passes its own
     /// conformance test out of the box: `make build`, `make test`.
@@ -206,6 +209,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             failure,
             requiretls,
             tls_required_no,
+            authenticated,
         }) => {
             let mut ctx = Context::new(&domain, mx.as_deref().unwrap_or(&domain));
             ctx.mx_index = mx_index;
@@ -213,6 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ctx.attempt = attempt;
             ctx.requiretls = requiretls;
             ctx.tls_required_no = tls_required_no;
+            ctx.authenticated = authenticated;
             explain(&config, &ctx, failure.as_deref(), &mut out)?
         }
         Command::Policy(PolicyCommand::State(cmd)) => state(cmd, &mut out)?,
@@ -233,8 +238,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// `check-config`.
+///
+/// The same checks as `run` ([`Config::check`] and the policy chain), so a file that passes
+/// here does not fail at start.
 pub fn check_config(path: &Path, out: &mut String) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
+    config.check().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let engine = policy::engine_from_config(&config)?;
     let chain = policy::load_chain(&engine, &config, StateMode::Snapshot)?;
     writeln!(out, "{}: ok ({} policies)", path.display(), chain.policies().len())?;
@@ -322,6 +331,9 @@ pub fn explain_chain(
         if ctx.requiretls { ", REQUIRETLS" } else { "" },
         if ctx.tls_required_no { ", TLS-Required: No" } else { "" },
     )?;
+    if ctx.authenticated {
+        writeln!(out, "submitted with AUTH")?;
+    }
     let plan = chain.plan(ctx);
     writeln!(out, "chain:")?;
     if plan.trace.is_empty() {

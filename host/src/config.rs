@@ -647,11 +647,23 @@ pub struct PolicyEngineConfig {
     /// The requirement when every policy abstains (default `may`).
     #[serde(default = "default_level")]
     pub default_level: TlsLevel,
-    /// Whether a `TLS-Required: No` header relaxes forced requirements to `may` (default true,
-    /// as RFC 8689 §5 asks).
-    #[serde(default = "yes")]
-    pub honor_tls_required_no: bool,
-    /// Policy calls that may run at once (default 128).
+    /// Whether a `TLS-Required: No` header (RFC 8689 §5) may relax a forced requirement to
+    /// `may`: `"never"` (default: a domain forced by local agreement is a promise that nothing
+    /// goes out in clear, whatever a message says), `"authenticated"` (only for messages whose
+    /// submitter used SMTP AUTH) or `"any"` (every client allowed to relay). RFC 8689 meant the
+    /// header to relax what a destination publishes (MTA-STS, DANE); the relay cannot tell
+    /// those from local agreements, hence opt-in. Every relaxation is logged at warn, counted
+    /// (`postwarden_tls_required_no_total{outcome="relaxed"}`) and credited to `tls-required-no(over
+    /// POLICY)`, never to the forcing policy. REQUIRETLS always wins over the header.
+    #[serde(default)]
+    pub tls_required_no: crate::policy::TlsRequiredNo,
+    /// Replaced by `tls_required_no`; present only to name the new key in the error.
+    #[serde(default, skip_serializing)]
+    pub honor_tls_required_no: Option<bool>,
+    /// Instance slots of the policy engine's pooling allocator (default 128): memory is
+    /// reserved for that many policy stores. It does not make calls run in parallel: calls run
+    /// at most one per CPU (the call gate, `policy/gate.rs`) and queue before their store is
+    /// created.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_calls: u32,
 }
@@ -662,7 +674,8 @@ impl Default for PolicyEngineConfig {
             cache_dir: default_cache_dir(),
             state_dir: default_state_dir(),
             default_level: default_level(),
-            honor_tls_required_no: true,
+            tls_required_no: crate::policy::TlsRequiredNo::Never,
+            honor_tls_required_no: None,
             max_concurrent_calls: default_concurrency(),
         }
     }
@@ -714,6 +727,43 @@ impl PolicyConfig {
         }
     }
 }
+
+/// What [`Config::check`] built from the files a configuration names: `run` starts from
+/// these, so a file `check-config` accepts is a file `run` accepts.
+pub struct Checked {
+    /// The SMTP listener's options (certificate, key and credentials read).
+    pub inbound: crate::inbound::InboundOptions,
+    /// The outbound delivery engine (CA files read, routes and DNS servers parsed).
+    pub deliverer: std::sync::Arc<crate::delivery::Deliverer>,
+}
+
+impl std::fmt::Debug for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checked").finish_non_exhaustive()
+    }
+}
+
+/// The keys a SIGHUP can change without a restart. Everything else must stay as it was, or the
+/// whole reload is refused naming the keys that differ.
+pub const RELOADABLE: &[&str] = &[
+    "policy_engine.default_level",
+    "policy_engine.tls_required_no",
+    "policy (every [[policy]] table)",
+    "inbound.relay_networks",
+    "inbound.max_message_size",
+    "inbound.max_recipients",
+    "inbound.idle_timeout",
+    "inbound.tls_cert",
+    "inbound.tls_key",
+    "inbound.tls_self_signed",
+    "inbound.credentials_file",
+    "delivery.port",
+    "delivery.dns_servers",
+    "delivery.mx_shuffle_seed",
+    "delivery.routes",
+    "delivery.timeouts",
+    "tls (webpki_roots, ca_files)",
+];
 
 /// A configuration error, naming the file and, where known, the key.
 #[derive(Debug, thiserror::Error)]
@@ -773,7 +823,109 @@ impl Config {
         }
     }
 
+    /// The one validation path of `run`, `check-config` and SIGHUP: reads every file the
+    /// configuration names (inbound certificate and key, credentials, CA files), builds the
+    /// delivery engine (routes, DNS servers) and checks the spool directory. The policies are
+    /// loaded separately ([`crate::policy::load_chain`]), by the same callers.
+    pub fn check(&self) -> Result<Checked, String> {
+        check_spool_dir(&self.queue.dir)?;
+        let inbound = self.inbound.options(&self.delivery.helo_name)?;
+        let deliverer = crate::delivery::Deliverer::from_config(self)?;
+        Ok(Checked { inbound, deliverer })
+    }
+
+    /// The keys that differ between `self` (running) and `new` and cannot change without a
+    /// restart, in file order; empty if `new` can be reloaded. Keys not in [`RELOADABLE`] are
+    /// compared, so a key added later is restart-only until its reload is implemented.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
+        let neutral = |c: &Config| {
+            let mut c = c.clone();
+            c.policy_engine.default_level = TlsLevel::May;
+            c.policy_engine.tls_required_no = crate::policy::TlsRequiredNo::Never;
+            c.policies.clear();
+            let inbound = &mut c.inbound;
+            inbound.relay_networks.clear();
+            inbound.max_message_size = 0;
+            inbound.max_recipients = 0;
+            inbound.idle_timeout = 0;
+            inbound.tls_cert = None;
+            inbound.tls_key = None;
+            inbound.tls_self_signed = false;
+            inbound.credentials_file = None;
+            // The inbound limits are read per connection and per event: reloadable.
+            let limits = InboundConfig::default();
+            inbound.max_connections_per_client = limits.max_connections_per_client.clone();
+            inbound.max_connection_rate_per_client = limits.max_connection_rate_per_client.clone();
+            inbound.limit_exempt_networks = limits.limit_exempt_networks.clone();
+            inbound.max_session_time = limits.max_session_time.clone();
+            inbound.min_data_rate = limits.min_data_rate.clone();
+            inbound.data_rate_grace = limits.data_rate_grace.clone();
+            inbound.auth_failure_limit = limits.auth_failure_limit.clone();
+            inbound.auth_failure_window = limits.auth_failure_window.clone();
+            inbound.auth_failure_delay_ms = limits.auth_failure_delay_ms.clone();
+            inbound.max_errors = limits.max_errors.clone();
+            inbound.bare_newline = limits.bare_newline.clone();
+            c.delivery.port = 0;
+            c.delivery.dns_servers.clear();
+            c.delivery.mx_shuffle_seed = None;
+            c.delivery.routes.clear();
+            c.delivery.timeouts = TimeoutsConfig::default();
+            c.tls = TlsConfig::default();
+            c
+        };
+        let (old, new) = (neutral(self), neutral(new));
+        let mut changed = Vec::new();
+        let sections: [(&str, String, String); 7] = [
+            (
+                "policy_engine",
+                format!("{:#?}", old.policy_engine),
+                format!("{:#?}", new.policy_engine),
+            ),
+            ("delivery", format!("{:#?}", old.delivery), format!("{:#?}", new.delivery)),
+            ("tls", format!("{:#?}", old.tls), format!("{:#?}", new.tls)),
+            ("queue", format!("{:#?}", old.queue), format!("{:#?}", new.queue)),
+            ("inbound", format!("{:#?}", old.inbound), format!("{:#?}", new.inbound)),
+            ("admin", format!("{:#?}", old.admin), format!("{:#?}", new.admin)),
+            ("logging", format!("{:#?}", old.logging), format!("{:#?}", new.logging)),
+        ];
+        for (section, old, new) in sections {
+            let (old, new) = (debug_fields(&old), debug_fields(&new));
+            for (key, value) in &new {
+                if old.iter().find(|(k, _)| k == key).map(|(_, v)| v) != Some(value) {
+                    changed.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        changed
+    }
+
     fn validate(&self) -> Result<(), String> {
+        if self.inbound.idle_timeout == 0 {
+            return Err("inbound.idle_timeout: must be at least 1 second".to_owned());
+        }
+        let t = &self.delivery.timeouts;
+        for (key, value) in [
+            ("connect", t.connect),
+            ("greeting", t.greeting),
+            ("command", t.command),
+            ("tls_handshake", t.tls_handshake),
+            ("data_init", t.data_init),
+            ("data_block", t.data_block),
+            ("final_dot", t.final_dot),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!(
+                    "delivery.timeouts.{key}: must be a positive number of seconds"
+                ));
+            }
+        }
+        if self.policy_engine.honor_tls_required_no.is_some() {
+            return Err("policy_engine.honor_tls_required_no: replaced by \
+                        policy_engine.tls_required_no = \"never\" | \"authenticated\" | \"any\" \
+                        (default \"never\": TLS-Required: No no longer relaxes forced TLS \
+                        unless you opt in)"
+                .to_owned());
+        }
         self.delivery.parsed_routes()?;
         if self.policy_engine.max_concurrent_calls == 0 {
             return Err("policy_engine.max_concurrent_calls: must be at least 1".to_owned());
@@ -810,6 +962,61 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The spool directory must be a directory (or creatable: its nearest existing ancestor is a
+/// directory), and so must its `tmp`, `msg` and `env` if they exist. Nothing is created here:
+/// `check-config` changes nothing on disk.
+fn check_spool_dir(dir: &Path) -> Result<(), String> {
+    let key = || format!("queue.dir ({})", dir.display());
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            for sub in ["tmp", "msg", "env"] {
+                let path = dir.join(sub);
+                match std::fs::metadata(&path) {
+                    Ok(meta) if !meta.is_dir() => {
+                        return Err(format!("{}: {sub} is not a directory", key()));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("{}: {sub}: {e}", key())),
+                }
+            }
+            if meta.permissions().readonly() {
+                return Err(format!("{}: not writable", key()));
+            }
+            std::fs::read_dir(dir).map(drop).map_err(|e| format!("{}: {e}", key()))
+        }
+        Ok(_) => Err(format!("{}: not a directory", key())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ancestor = dir.ancestors().skip(1).find(|a| a.exists());
+            match ancestor {
+                Some(a) if a.is_dir() => Ok(()),
+                Some(a) => {
+                    Err(format!("{}: cannot be created: {} is not a directory", key(), a.display()))
+                }
+                None => Ok(()),
+            }
+        }
+        Err(e) => Err(format!("{}: {e}", key())),
+    }
+}
+
+/// The top-level fields of a `{:#?}` rendering: `(name, rendered value)`, in order.
+fn debug_fields(pretty: &str) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for line in pretty.lines().skip(1) {
+        let field = line.strip_prefix("    ").filter(|l| !l.starts_with(' '));
+        match field.and_then(|l| l.split_once(": ")) {
+            Some((name, value)) => fields.push((name.to_owned(), value.to_owned())),
+            None => {
+                if let Some((_, value)) = fields.last_mut() {
+                    value.push_str(line);
+                }
+            }
+        }
+    }
+    fields
 }
 
 /// Toml's messages carry line, column and a snippet; keep them and name the key when known.
@@ -856,6 +1063,34 @@ fn default_configure_memory_mib() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What SIGHUP may change and what it must refuse, by key name.
+    #[test]
+    fn restart_only_changes_are_named_and_reloadable_ones_are_not() {
+        let path = Path::new("/etc/postwarden/relay.toml");
+        let running = Config::parse("[queue]\ndir = \"spool\"\n", path).unwrap();
+        let reloadable = Config::parse(
+            "[policy_engine]\ntls_required_no = \"authenticated\"\n\
+             [delivery]\nport = 2525\n[delivery.routes]\n\"a.example\" = \"[10.0.0.1]\"\n\
+             [delivery.timeouts]\nconnect = 5\n[tls]\nwebpki_roots = false\n\
+             [queue]\ndir = \"spool\"\n\
+             [inbound]\nrelay_networks = [\"10.0.0.0/8\"]\nmax_recipients = 5\nidle_timeout = 9\n\
+             max_connections_per_client = 3\nmax_errors = 4\nbare_newline = \"reject\"\n",
+            path,
+        )
+        .unwrap();
+        assert_eq!(running.restart_only_changes(&reloadable), Vec::<String>::new());
+        let restart = Config::parse(
+            "[queue]\ndir = \"other\"\nconcurrency = 3\n[inbound]\nlisten = \"127.0.0.1:2526\"\n\
+             [logging]\nformat = \"json\"\n",
+            path,
+        )
+        .unwrap();
+        assert_eq!(
+            running.restart_only_changes(&restart),
+            ["queue.dir", "queue.concurrency", "inbound.listen", "logging.format"]
+        );
+    }
 
     #[test]
     fn errors_name_file_and_key() {

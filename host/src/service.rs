@@ -1,8 +1,10 @@
 //! The relay as a service: inbound SMTP → durable queue → policy-driven delivery.
 //!
 //! [`Relay::start`] builds every part from a [`Config`] and a bound listener (tests and the demo
-//! pass `127.0.0.1:0`); [`Relay::reload`] swaps in a new policy chain only if it loads
-//! completely; [`Relay::shutdown`] stops accepting, lets in-flight deliveries finish within a
+//! pass `127.0.0.1:0`); [`Relay::reload`] puts a changed configuration in force as one
+//! change (policies, relay networks, inbound limits and certificates, routes, CA files,
+//! timeouts) only if all of it loads and no restart-only key changed, else nothing changes;
+//! [`Relay::shutdown`] stops accepting, lets in-flight deliveries finish within a
 //! bound, and leaves everything else queued.
 
 use std::future::Future;
@@ -32,9 +34,34 @@ pub struct Relay {
     /// The admin listener's address, if configured.
     pub admin_addr: Option<std::net::SocketAddr>,
     engine: PolicyEngine,
+    /// The configuration in force (what a reload is compared with).
+    config: std::sync::Mutex<Config>,
+    inbound_options: watch::Sender<Arc<crate::inbound::InboundOptions>>,
+    deliverer: Arc<Deliverer>,
     stop: watch::Sender<bool>,
     inbound: JoinHandle<()>,
     scheduler: JoinHandle<()>,
+}
+
+/// What a reload put in force.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct Reloaded {
+    /// Policies in the new chain.
+    pub policies: usize,
+}
+
+/// Why a reload was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Keys that only take effect at start changed.
+    #[error("these keys changed and need a restart: {}", .0.join(", "))]
+    RestartOnly(Vec<String>),
+    /// A file or value does not load (certificate, CA file, credentials, route, spool dir).
+    #[error("{0}")]
+    Invalid(String),
+    /// A policy does not load or configure.
+    #[error(transparent)]
+    Policies(#[from] policy::LoadError),
 }
 
 /// Hands accepted messages to the queue; answers only once they are fsync'd. Messages are
@@ -56,6 +83,7 @@ impl Spool for QueueSpool {
                 requiretls: submission.requiretls,
                 // RFC 8689 §5: with REQUIRETLS the header is ignored.
                 tls_required_no: submission.tls_required_no && !submission.requiretls,
+                authenticated: submission.authenticated_as.is_some(),
             };
             queue.accept_durably(message).await.map_err(|e| e.to_string())
         })
@@ -70,22 +98,22 @@ impl Spool for QueueSpool {
 impl Relay {
     /// Starts the relay on `listener` with `config`.
     pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Relay> {
+        // The same checks as `check-config` and SIGHUP, before anything starts.
+        let checked = config.check().map_err(anyhow::Error::msg)?;
         let engine = policy::engine_from_config(config)?;
         let chain = policy::load_chain(&engine, config, policy::StateMode::Persistent)?;
         let chains = Arc::new(ChainHandle::new(chain));
-        let deliverer: Arc<Deliverer> =
-            Deliverer::from_config(config).map_err(anyhow::Error::msg)?;
+        let deliverer = checked.deliverer;
         let store = Arc::new(SpoolDir::open(&config.queue.dir)?);
         let queue = Queue::new(store, config.queue.options(&config.delivery.helo_name));
-        let options =
-            config.inbound.options(&config.delivery.helo_name).map_err(anyhow::Error::msg)?;
         let smtp_addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let spool: Arc<dyn Spool> = Arc::new(QueueSpool(queue.clone()));
         let anvil = Arc::new(crate::inbound::Anvil::default());
-        let inbound = tokio::spawn(crate::inbound::serve_with(
+        let (inbound_options, options) = watch::channel(Arc::new(checked.inbound));
+        let inbound = tokio::spawn(crate::inbound::serve_reloadable(
             listener,
-            Arc::new(options),
+            options,
             spool,
             anvil.clone(),
             stopped.clone(),
@@ -105,15 +133,44 @@ impl Relay {
             }
             None => None,
         };
-        let scheduler = tokio::spawn(queue.clone().run(deliverer, chains.clone(), stopped));
+        let scheduler = tokio::spawn(queue.clone().run(deliverer.clone(), chains.clone(), stopped));
         tracing::info!(%smtp_addr, policies = chains.current().policies().len(), "relay started");
-        Ok(Relay { queue, chains, smtp_addr, admin_addr, engine, stop, inbound, scheduler })
+        Ok(Relay {
+            queue,
+            chains,
+            smtp_addr,
+            admin_addr,
+            engine,
+            config: std::sync::Mutex::new(config.clone()),
+            inbound_options,
+            deliverer,
+            stop,
+            inbound,
+            scheduler,
+        })
     }
 
-    /// Loads the policies of `config` and puts them in force; on any error the running chain
-    /// stays and the error is returned (SIGHUP).
-    pub fn reload(&self, config: &Config) -> Result<(), policy::LoadError> {
-        self.chains.reload(&self.engine, config)
+    /// Puts `config` in force (SIGHUP), all of it or nothing: refused if a key that needs a
+    /// restart changed ([`ReloadError::RestartOnly`] names them), or if anything fails to
+    /// load (a certificate, a CA file, the credentials, a route, a policy). Otherwise the
+    /// policies, the inbound options (relay networks, limits, certificate, credentials) and the
+    /// delivery settings (routes, DNS, CA files, timeouts) are replaced back to back, after
+    /// everything was built: connections and deliveries in flight finish with what they
+    /// started with.
+    pub fn reload(&self, config: &Config) -> Result<Reloaded, ReloadError> {
+        let mut running = self.config.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let restart_only = running.restart_only_changes(config);
+        if !restart_only.is_empty() {
+            return Err(ReloadError::RestartOnly(restart_only));
+        }
+        let checked = config.check().map_err(ReloadError::Invalid)?;
+        let chain = policy::load_chain(&self.engine, config, policy::StateMode::Persistent)?;
+        let policies = chain.policies().len();
+        self.inbound_options.send_replace(Arc::new(checked.inbound));
+        self.deliverer.replace_settings(&checked.deliverer);
+        self.chains.replace(chain);
+        *running = config.clone();
+        Ok(Reloaded { policies })
     }
 
     /// Stops accepting, waits up to `grace` for in-flight deliveries, and returns. Whatever is

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use postwarden::inbound::{
-    Anvil, BareNewline, InboundOptions, IpNet, Spool, Submission, hash_password, serve_with,
+    Anvil, BareNewline, InboundOptions, IpNet, Spool, Submission, hash_password, serve_reloadable,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,7 +56,13 @@ async fn start(options: InboundOptions) -> Server {
     let spool = Arc::new(MemSpool::default());
     let anvil = Arc::new(Anvil::default());
     let (stop, shutdown) = watch::channel(false);
-    tokio::spawn(serve_with(listener, Arc::new(options), spool.clone(), anvil.clone(), shutdown));
+    tokio::spawn(serve_reloadable(
+        listener,
+        tokio::sync::watch::channel(Arc::new(options)).1,
+        spool.clone(),
+        anvil.clone(),
+        shutdown,
+    ));
     Server { addr, spool, anvil, _stop: stop }
 }
 

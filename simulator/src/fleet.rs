@@ -3,9 +3,11 @@
 //!
 //! The relay is configured with the DNS address, the port and the CA file; it then delivers to
 //! `<label>.sim.test` like to any domain. Addresses are 127.0.0.N from
-//! [`FleetOptions::first_address`] upward (Linux routes all of 127.0.0.0/8 to loopback). The
-//! port is found by binding the first listener to port 0 and reusing its number on the other
-//! addresses, starting over when one of them is taken.
+//! [`FleetOptions::first_address`] upward (Linux routes all of 127.0.0.0/8 to loopback), so
+//! several fleets share addresses: what keeps them apart is the port. It is found by binding the
+//! first host's socket to port 0 and reusing its number on the other addresses, starting over
+//! when one of them is taken; a host that refuses connections holds its address and port with
+//! a bound socket that never listens, so no other fleet can serve there.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -348,36 +350,47 @@ fn routes(scenarios: &[Scenario], layout: &[Slot], port: u16) -> Vec<Route> {
 
 /// Binds `port` (or one free port, when 0) on every address in `ips`, and reserves it on every
 /// address in `refuse` with a socket that is bound but never listens, so that connections
-/// there are refused.
+/// there are refused. When both are empty (a fleet without MX hosts), the port is reserved on
+/// `fallback` so that [`Fleet::port`] still names a port nobody else holds.
 ///
 /// Without the reservation, a host that "refuses TCP" was only an address nobody listened on,
-/// and another fleet in the same process (the conformance runner starts one per scenario, all
-/// on 127.0.0.2 upward) could pick the same port on that address: the relay then reached the
-/// other fleet's server and counted a delivery the scenario never saw (seen once as MX-09
-/// delivered via mx1).
+/// and another fleet (the conformance runner starts one per scenario, all on 127.0.0.2
+/// upward, and other test processes do the same) could pick the same port on that address:
+/// the relay then reached the other fleet's server and counted a delivery the scenario never
+/// saw (seen as MX-09 delivered via mx1, and as GRT-01 delivered: a fleet whose only host
+/// refuses used to probe a port and release it). The first address bound chooses the port,
+/// whether it listens or only reserves. The reservation has no `SO_REUSEADDR`, so the kernel
+/// refuses any other bind of that address and port, in this process or another, and never
+/// hands the port out for a `bind(0)` there.
 async fn bind_common_port(
     ips: &[Ipv4Addr],
     refuse: &[Ipv4Addr],
     port: u16,
     fallback: Ipv4Addr,
 ) -> Result<(u16, Vec<TcpListener>, Vec<tokio::net::TcpSocket>), Error> {
-    let Some((first, rest)) = ips.split_first() else {
-        let addr = SocketAddr::new(IpAddr::V4(fallback), port);
-        let probe = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        let port = probe.local_addr().map_err(|source| Error::Bind { addr, source })?.port();
-        return Ok((port, Vec::new(), Vec::new()));
-    };
+    let fallback = [fallback];
+    let refuse = if ips.is_empty() && refuse.is_empty() { &fallback[..] } else { refuse };
     'attempt: for _ in 0..PORT_ATTEMPTS {
-        let addr = SocketAddr::new(IpAddr::V4(*first), port);
-        let listener =
-            TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-        let chosen = listener.local_addr().map_err(|source| Error::Bind { addr, source })?.port();
-        let mut listeners = vec![listener];
-        for ip in rest {
+        // 0 until the first bind has chosen the port.
+        let mut chosen = port;
+        let mut listeners = Vec::new();
+        for ip in ips {
             let addr = SocketAddr::new(IpAddr::V4(*ip), chosen);
             match TcpListener::bind(addr).await {
-                Ok(listener) => listeners.push(listener),
-                Err(error) if port == 0 && error.kind() == std::io::ErrorKind::AddrInUse => {
+                Ok(listener) => {
+                    if chosen == 0 {
+                        chosen = listener
+                            .local_addr()
+                            .map_err(|source| Error::Bind { addr, source })?
+                            .port();
+                    }
+                    listeners.push(listener);
+                }
+                Err(error)
+                    if port == 0
+                        && chosen != 0
+                        && error.kind() == std::io::ErrorKind::AddrInUse =>
+                {
                     continue 'attempt;
                 }
                 Err(source) => return Err(Error::Bind { addr, source }),
@@ -386,13 +399,21 @@ async fn bind_common_port(
         let mut refusing = Vec::new();
         for ip in refuse {
             let addr = SocketAddr::new(IpAddr::V4(*ip), chosen);
-            let reserved = tokio::net::TcpSocket::new_v4().and_then(|socket| {
-                socket.bind(addr)?;
-                Ok(socket)
-            });
-            match reserved {
-                Ok(socket) => refusing.push(socket),
-                Err(error) if port == 0 && error.kind() == std::io::ErrorKind::AddrInUse => {
+            match reserve(addr) {
+                Ok(socket) => {
+                    if chosen == 0 {
+                        chosen = socket
+                            .local_addr()
+                            .map_err(|source| Error::Bind { addr, source })?
+                            .port();
+                    }
+                    refusing.push(socket);
+                }
+                Err(error)
+                    if port == 0
+                        && chosen != 0
+                        && error.kind() == std::io::ErrorKind::AddrInUse =>
+                {
                     continue 'attempt;
                 }
                 Err(source) => return Err(Error::Bind { addr, source }),
@@ -401,6 +422,14 @@ async fn bind_common_port(
         return Ok((chosen, listeners, refusing));
     }
     Err(Error::NoFreePort { attempts: PORT_ATTEMPTS })
+}
+
+/// A socket bound to `addr` that never listens: connections there are refused, and no other
+/// socket can bind it (no `SO_REUSEADDR`, which `TcpSocket::new_v4` leaves off).
+fn reserve(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(addr)?;
+    Ok(socket)
 }
 
 fn write_ca(dir: &Path, pem: &str) -> Result<PathBuf, Error> {

@@ -9,7 +9,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use postwarden::policy::{self, Context, EngineOptions, MemoryKv, PolicyEngine, PolicySource};
+use postwarden::policy::{
+    self, Context, Decision, EngineOptions, LoadedPolicy, MemoryKv, PolicyEngine, PolicySource,
+    Verdict,
+};
 use postwarden_policy_sdk::Policy as _;
 use postwarden_policy_sdk::testing::{FakeHost, context};
 use postwarden_tests::{chains, wasm};
@@ -31,6 +34,17 @@ fn main() {
     load_times();
 }
 
+/// One `plan` call, checked: a fault (deadline, trap) must not pass for a fast decision.
+fn checked_plan(policy: &LoadedPolicy, ctx: &Context, abstains: bool) -> Decision {
+    match policy.plan(ctx).0 {
+        Ok(decision) => {
+            assert_eq!(matches!(decision, Decision::Abstain), abstains, "{decision:?}");
+            decision
+        }
+        Err(fault) => panic!("plan faulted: {fault}"),
+    }
+}
+
 fn decisions() {
     let engine = PolicyEngine::new(&EngineOptions::default()).unwrap();
     let source = |name: &str, settings: &str| PolicySource {
@@ -44,7 +58,7 @@ fn decisions() {
     let ctx = Context::new("example.org", "mx.example.org");
     report(
         "opportunistic: wasm, fresh instance + plan",
-        per_call(samples(), || black_box(opportunistic.plan(&ctx))),
+        per_call(samples(), || black_box(checked_plan(&opportunistic, &ctx, false))),
     );
     report(
         "opportunistic: wasm, fresh instance, no call",
@@ -76,15 +90,19 @@ fn chain_with_100k_domains() {
     let policy = &chain.policies()[0];
     report(
         "forced-tls 100k: wasm, fresh instance + plan (listed)",
-        per_call(samples(), || black_box(policy.plan(&hit))),
+        per_call(samples(), || black_box(checked_plan(policy, &hit, false))),
     );
     report(
         "forced-tls 100k: wasm, fresh instance + plan (unlisted)",
-        per_call(samples(), || black_box(policy.plan(&miss))),
+        per_call(samples(), || black_box(checked_plan(policy, &miss, true))),
     );
     report(
         "forced-tls 100k: whole chain plan (listed)",
-        per_call(samples(), || black_box(chain.plan(&hit))),
+        per_call(samples(), || {
+            let plan = chain.plan(&hit);
+            assert!(matches!(plan.verdict, Verdict::Require(_)), "{:?}", plan.verdict);
+            black_box(plan)
+        }),
     );
 
     let settings = format!(

@@ -100,6 +100,7 @@ fn main() {
             relay.stop();
             let seen = sink.snapshot().minus(&before);
             assert_eq!(seen.messages, messages as u64, "the sink got duplicates");
+            assert_eq!(seen.over_tls, seen.messages, "every message must cross inside TLS");
             let rate = messages as f64 / elapsed.as_secs_f64();
             let per_msg = relay_cpu.as_secs_f64() * 1e6 / messages as f64;
             println!(
@@ -360,6 +361,8 @@ async fn expect<S: AsyncRead + AsyncWrite + Unpin>(io: &mut BufReader<S>, code: 
 #[derive(Default)]
 struct Counters {
     messages: AtomicU64,
+    /// Messages whose DATA came inside TLS.
+    over_tls: AtomicU64,
     connections: AtomicU64,
     full: AtomicU64,
     resumed: AtomicU64,
@@ -368,6 +371,7 @@ struct Counters {
 #[derive(Clone, Copy)]
 struct Seen {
     messages: u64,
+    over_tls: u64,
     connections: u64,
     full: u64,
     resumed: u64,
@@ -377,6 +381,7 @@ impl Seen {
     fn minus(&self, o: &Seen) -> Seen {
         Seen {
             messages: self.messages - o.messages,
+            over_tls: self.over_tls - o.over_tls,
             connections: self.connections - o.connections,
             full: self.full - o.full,
             resumed: self.resumed - o.resumed,
@@ -418,6 +423,7 @@ impl Sink {
         let c = &self.counters;
         Seen {
             messages: c.messages.load(Ordering::Relaxed),
+            over_tls: c.over_tls.load(Ordering::Relaxed),
             connections: c.connections.load(Ordering::Relaxed),
             full: c.full.load(Ordering::Relaxed),
             resumed: c.resumed.load(Ordering::Relaxed),
@@ -501,6 +507,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 counters.messages.fetch_add(1, Ordering::Relaxed);
+                if tls {
+                    counters.over_tls.fetch_add(1, Ordering::Relaxed);
+                }
                 out.extend_from_slice(b"250 2.0.0 kept\r\n");
             }
             "QUIT" => {

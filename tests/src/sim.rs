@@ -51,6 +51,7 @@ pub async fn send(
         body: body.as_bytes(),
         requiretls,
         tls_required_no,
+        authenticated: false,
         attempt: 1,
         age: 0,
     };

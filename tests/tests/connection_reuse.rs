@@ -124,7 +124,10 @@ async fn a_connection_the_server_dropped_is_replaced() {
     let (chain, _e, _d) = chains::load(OPPORTUNISTIC).unwrap();
 
     assert!(delivered_over_tls(&sim::send(&deliverer, &chain, DOMAIN, false, false).await));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Wait for the event, not for time: the server has closed the parked connection.
+    let closed = fleet.transcripts().settled(DOMAIN, Duration::from_secs(10)).await;
+    assert!(closed.connections.iter().all(|c| c.closed()), "the server never closed it");
+    assert_eq!(deliverer.parked_connections(), 1, "the relay still holds it, dead");
     let out = sim::send(&deliverer, &chain, DOMAIN, false, false).await;
     assert!(
         delivered_over_tls(&out),
@@ -146,7 +149,9 @@ async fn an_idle_connection_is_closed_with_quit_and_reuse_can_be_turned_off() {
 
     assert!(delivered_over_tls(&sim::send(&deliverer, &chain, DOMAIN, false, false).await));
     assert_eq!(deliverer.parked_connections(), 1);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The sweeper takes it out of the cache, then says QUIT; the server then closes.
+    let closed = fleet.transcripts().settled(DOMAIN, Duration::from_secs(10)).await;
+    assert!(closed.connections.iter().all(|c| c.closed()), "never closed");
     assert_eq!(deliverer.parked_connections(), 0, "the sweeper closed it");
     let transcript = fleet.transcript(DOMAIN);
     let cmds = commands(&transcript.connections[0]);

@@ -132,12 +132,30 @@ async fn requiretls_is_never_sent_in_plaintext_and_needs_the_next_hop_to_adverti
     );
 }
 
+/// `TLS-Required: No` keeps forced TLS forced by default; with `tls_required_no = "any"` it
+/// relaxes to plaintext, and the delivery is credited to the header, not to `forced`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_required_no_header_relaxes_forced_tls() {
-    let (_fleet, deliverer) = sim::fleet(&["CAP-02"]).await.unwrap();
+async fn tls_required_no_header_relaxes_forced_tls_only_when_opted_in() {
+    let (fleet, deliverer) = sim::fleet(&["CAP-02"]).await.unwrap();
     let (f, _e, _d) = chains::load(FORCED).unwrap();
     let out = sim::send(&deliverer, &f, "cap-02.sim.test", false, true).await;
-    assert!(matches!(status(&out), Status::Delivered { tls: None, .. }), "{out:?}");
+    assert!(matches!(status(&out), Status::Deferred { .. }), "{out:?}");
+    let mail_sent = fleet
+        .transcript("cap-02.sim.test")
+        .connections
+        .iter()
+        .flat_map(|c| &c.events)
+        .any(|e| matches!(e, Event::Received { line, .. } if line.to_ascii_uppercase().starts_with("MAIL")));
+    assert!(!mail_sent, "MAIL crossed a plaintext connection to a forced domain");
+
+    let (f, _e, _d) =
+        chains::load(&format!("[policy_engine]\ntls_required_no = \"any\"\n{FORCED}")).unwrap();
+    let out = sim::send(&deliverer, &f, "cap-02.sim.test", false, true).await;
+    assert!(
+        matches!(status(&out), Status::Delivered { tls: None, decided_by, requirement, .. }
+            if decided_by == "tls-required-no(over forced)" && requirement == "may"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,4 +224,38 @@ async fn a_plaintext_connection_is_never_shared_with_a_forced_domain() {
         second.iter().any(|e| matches!(e, Event::Received { line, .. } if line.to_ascii_uppercase().starts_with(verb)))
     };
     assert!(sent("STARTTLS") && !sent("MAIL"), "{second:?}");
+}
+
+/// STARTTLS response injection (research §3.2, invariant I3) under forced TLS: bytes that
+/// arrive with the `220` to STARTTLS abort the attempt before any handshake (INJ-01, 02, 04,
+/// 05: the exact failure names the injection); bytes written after the ClientHello reach the
+/// TLS layer and fail the handshake (INJ-03). Never a delivery, never a MAIL. Without the
+/// defence in `Client::starttls` the first four were delivered over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_response_injection_fails_exactly_under_forced_tls() {
+    let (f, _e, _d) = chains::load(FORCED).unwrap();
+    for id in ["INJ-01", "INJ-02", "INJ-03", "INJ-04", "INJ-05"] {
+        let (fleet, deliverer) = sim::fleet(&[id]).await.unwrap();
+        let domain = format!("{}.sim.test", id.to_ascii_lowercase());
+        let out = sim::send(&deliverer, &f, &domain, false, false).await;
+        let Status::Deferred { code, reason } = status(&out) else {
+            panic!("{id}: {out:?}");
+        };
+        assert_eq!(code, "4.7.5", "{id}: {reason}");
+        if id == "INJ-03" {
+            assert!(!reason.contains("response injection"), "{id}: {reason}");
+        } else {
+            assert!(
+                reason.contains("bytes arrived after the 220 to STARTTLS (response injection)"),
+                "{id}: {reason}"
+            );
+        }
+        let mail_sent = fleet
+            .transcript(&domain)
+            .connections
+            .iter()
+            .flat_map(|c| &c.events)
+            .any(|e| matches!(e, Event::Received { line, .. } if line.to_ascii_uppercase().starts_with("MAIL")));
+        assert!(!mail_sent, "{id}: MAIL was sent");
+    }
 }

@@ -213,15 +213,72 @@ fn requiretls_is_enforced_whatever_the_policy_says() {
     assert_eq!(chain.on_failure(&plan, &ctx, &Failure::StarttlsNotOffered).action, Action::NextMx);
 }
 
+/// By default `TLS-Required: No` never relaxes locally forced TLS, even from an authenticated
+/// submitter: the forcing policy decides and its failure handling applies.
 #[test]
-fn tls_required_no_relaxes_forced_to_opportunistic() {
+fn tls_required_no_never_relaxes_forced_tls_by_default() {
     let (chain, _engine, _dir) = chains::load(FORCED_THEN_OPPORTUNISTIC).unwrap();
-    let mut ctx = ctx("bank.example");
-    ctx.tls_required_no = true;
+    for authenticated in [false, true] {
+        let mut ctx = ctx("bank.example");
+        ctx.tls_required_no = true;
+        ctx.authenticated = authenticated;
+        let plan = chain.plan(&ctx);
+        assert_eq!(level(&plan.verdict), TlsLevel::Verify);
+        assert_eq!(plan.decider, Decider::Policy("forced".into()));
+        assert!(plan.adjustments[0].starts_with("TLS-Required: No ignored: forced verify kept"));
+        let response = chain.on_failure(&plan, &ctx, &Failure::StarttlsNotOffered);
+        assert!(
+            !matches!(response.action, Action::ContinuePlaintext | Action::ReconnectPlaintext),
+            "{}",
+            response.action
+        );
+    }
+    let counters = chain.counters();
+    assert_eq!(counters.tls_required_no_relaxed.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(counters.tls_required_no_ignored.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+/// `tls_required_no = "authenticated"`: only a submitter that used AUTH relaxes forced TLS,
+/// and the plan then credits the header, not the forcing policy; `"any"` relaxes for all.
+#[test]
+fn tls_required_no_opt_in_can_be_limited_to_authenticated_submitters() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let toml = format!(
+        "[policy_engine]\ntls_required_no = \"authenticated\"\n{FORCED_THEN_OPPORTUNISTIC}"
+    );
+    let (chain, _engine, _dir) = chains::load(&toml).unwrap();
+    let mut any = ctx("bank.example");
+    any.tls_required_no = true;
+    let mut ctx = any.clone();
+    let plan = chain.plan(&ctx);
+    assert_eq!(level(&plan.verdict), TlsLevel::Verify, "unauthenticated: still forced");
+    assert_eq!(plan.decider, Decider::Policy("forced".into()));
+    ctx.authenticated = true;
     let plan = chain.plan(&ctx);
     assert_eq!(level(&plan.verdict), TlsLevel::May);
+    assert_eq!(plan.decider, Decider::TlsRequiredNo(Box::new(Decider::Policy("forced".into()))));
+    assert_eq!(plan.decider.to_string(), "tls-required-no(over forced)");
     let response = chain.on_failure(&plan, &ctx, &Failure::StarttlsNotOffered);
     assert_eq!(response.action, Action::ContinuePlaintext);
+    assert_eq!(chain.counters().tls_required_no_relaxed.load(Relaxed), 1);
+    assert_eq!(chain.counters().tls_required_no_ignored.load(Relaxed), 1);
+    // REQUIRETLS wins over the header.
+    ctx.requiretls = true;
+    assert_eq!(level(&chain.plan(&ctx).verdict), TlsLevel::Verify);
+
+    let toml = format!("[policy_engine]\ntls_required_no = \"any\"\n{FORCED_THEN_OPPORTUNISTIC}");
+    let (chain, _engine, _dir) = chains::load(&toml).unwrap();
+    assert_eq!(level(&chain.plan(&any).verdict), TlsLevel::May);
+}
+
+/// The old boolean key is refused with the name of the new one (silently mapping `true` would
+/// keep the hole open on upgrade).
+#[test]
+fn the_old_honor_tls_required_no_key_names_its_replacement() {
+    let toml =
+        format!("[policy_engine]\nhonor_tls_required_no = true\n{FORCED_THEN_OPPORTUNISTIC}");
+    let error = chains::load(&toml).unwrap_err().to_string();
+    assert!(error.contains("policy_engine.tls_required_no"), "{error}");
 }
 
 fn broken(mode: &str) -> String {

@@ -4,28 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use postwarden::delivery::client::{Client, Envelope, PlaintextPermit, RcptResult, Timeouts};
-use postwarden::policy::{Requirement, TlsLevel};
 use postwarden::service::Relay;
 use postwarden_tests::{chains, sim};
 
 async fn submit(relay: &Relay, from: &str, to: &str) {
-    let (mut client, _) =
-        Client::connect(relay.smtp_addr, Timeouts::all(Duration::from_secs(5))).await.unwrap();
-    client.ehlo("app.client.example").await.unwrap();
     let body = format!("From: <{from}>\r\nTo: <{to}>\r\nSubject: invoice\r\n\r\nsecret\r\n");
-    let rcpts = [to.to_owned()];
-    let envelope = Envelope {
-        mail_from: from,
-        rcpts: &rcpts,
-        size: body.len() as u64,
-        eight_bit: false,
-        requiretls: false,
-    };
-    let permit = PlaintextPermit::new(&Requirement::new(TlsLevel::May), false).unwrap();
-    let results = client.transaction_plaintext(&permit, &envelope, body.as_bytes()).await.unwrap();
-    assert!(matches!(results[0], RcptResult::Delivered(_)), "{results:?}");
-    client.quit().await;
+    let submission =
+        postwarden_tests::submit::Submission { from, to: &[to], body: &body, ..Default::default() };
+    let replies = postwarden_tests::submit::submit(relay.smtp_addr, &submission).await.unwrap();
+    assert!(replies.queued(), "{replies:?}");
 }
 
 /// Forced TLS to a domain without STARTTLS: the message is never sent in plaintext; once its
@@ -150,4 +137,140 @@ async fn delay_warning_tells_the_sender_once() {
         relay.queue.store().list().unwrap().iter().filter(|e| e.mail_from.is_empty()).count();
     assert_eq!(warnings, 1, "warned once, not at every retry");
     relay.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Issue 11 item 7: `TLS-Required: No` never turns a forced domain into plaintext by default;
+/// with `tls_required_no = "authenticated"` only a submitter that used AUTH can relax it, and
+/// the relaxation is logged, counted and credited to the header, not to the forcing policy.
+/// CAP-02 has no STARTTLS, so a relaxed message goes in plaintext and a forced one never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_no_relaxes_forced_tls_only_for_whom_the_operator_allows() {
+    use postwarden_sim::transcript::Event;
+    use postwarden_tests::submit::{Submission, submit};
+
+    let (fleet, _) = sim::fleet(&["CAP-02"]).await.unwrap();
+    // Plaintext MAIL FROM lines the forced destination received.
+    let plaintext_mail_from = || -> Vec<String> {
+        fleet
+            .transcript("cap-02.sim.test")
+            .connections
+            .iter()
+            .flat_map(|c| &c.events)
+            .filter_map(|e| match e {
+                Event::Received { line, tls: false }
+                    if line.to_ascii_uppercase().starts_with("MAIL") =>
+                {
+                    Some(line.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    for mode in [None, Some("authenticated")] {
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users");
+        std::fs::write(
+            &users,
+            format!("app:{}\n", postwarden::inbound::hash_password(b"salt-of-app", "s3cret")),
+        )
+        .unwrap();
+        let engine =
+            mode.map_or(String::new(), |m| format!("[policy_engine]\ntls_required_no = \"{m}\"\n"));
+        let toml = format!(
+            "{engine}[[policy]]\nname = \"forced\"\npath = \"{{wasm:forced-tls}}\"\n[policy.settings.domains]\n\".sim.test\" = \"encrypt\"\n\
+             [delivery]\nhelo_name = \"relay.postwarden.test\"\nport = {port}\ndns_servers = [\"{dns}\"]\n\
+             [delivery.timeouts]\nconnect = 2\ngreeting = 2\ncommand = 2\ntls_handshake = 2\n\
+             [tls]\nwebpki_roots = false\n\
+             [queue]\ndir = \"spool\"\nmin_backoff = 3600\n\
+             [inbound]\nlisten = \"127.0.0.1:0\"\ntls_self_signed = true\ncredentials_file = \"{users}\"\n",
+            port = fleet.port(),
+            dns = fleet.dns_addr(),
+            users = users.display(),
+        );
+        let config = chains::config_in(&toml, dir.path()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay::start(&config, listener).await.unwrap();
+        let tag = mode.unwrap_or("default");
+        let body = |who: &str| {
+            format!(
+                "From: <{who}@client.example>\r\nTo: <user@cap-02.sim.test>\r\nSubject: {tag}\r\nTLS-Required: No\r\n\r\nsecret\r\n"
+            )
+        };
+        let (anonymous, authenticated) = (format!("anon-{tag}"), format!("auth-{tag}"));
+        // From a relay network, no AUTH.
+        let from = format!("{anonymous}@client.example");
+        let replies = submit(
+            relay.smtp_addr,
+            &Submission {
+                from: &from,
+                to: &["user@cap-02.sim.test"],
+                body: &body(&anonymous),
+                ..Submission::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(replies.queued(), "{replies:?}");
+        // Over TLS with AUTH.
+        let from_auth = format!("{authenticated}@client.example");
+        let replies = submit(
+            relay.smtp_addr,
+            &Submission {
+                from: &from_auth,
+                to: &["user@cap-02.sim.test"],
+                body: &body(&authenticated),
+                starttls: true,
+                auth: Some(("app", "s3cret")),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(replies.auth.as_deref().is_some_and(|r| r.starts_with("235")), "{replies:?}");
+        assert!(replies.queued(), "{replies:?}");
+
+        // Both messages get their first attempt.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let attempts = loop {
+            let attempts = relay.queue.recent();
+            if attempts.len() >= 2 {
+                break attempts;
+            }
+            assert!(Instant::now() < deadline, "attempts: {attempts:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mail = plaintext_mail_from();
+        let chain = relay.chains.current();
+        let counters = chain.counters();
+        let relaxed = counters.tls_required_no_relaxed.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            !mail.iter().any(|l| l.contains(&anonymous)),
+            "{tag}: an unauthenticated TLS-Required: No crossed in plaintext: {mail:?}"
+        );
+        match mode {
+            None => {
+                assert!(!mail.iter().any(|l| l.contains(&authenticated)), "{tag}: {mail:?}");
+                assert!(
+                    attempts
+                        .iter()
+                        .all(|a| matches!(a.status, postwarden::delivery::Status::Deferred { .. })),
+                    "{attempts:?}"
+                );
+                assert_eq!(relaxed, 0);
+            }
+            Some(_) => {
+                assert!(mail.iter().any(|l| l.contains(&authenticated)), "{tag}: {mail:?}");
+                let delivered: Vec<_> = attempts
+                    .iter()
+                    .filter(|a| matches!(a.status, postwarden::delivery::Status::Delivered { .. }))
+                    .collect();
+                assert_eq!(delivered.len(), 1, "{attempts:?}");
+                assert!(
+                    matches!(&delivered[0].status, postwarden::delivery::Status::Delivered { decided_by, tls: None, .. } if decided_by == "tls-required-no(over forced)"),
+                    "{delivered:?}"
+                );
+                assert!(relaxed >= 1, "the relaxation is counted");
+            }
+        }
+        relay.shutdown(Duration::from_secs(5)).await;
+    }
 }

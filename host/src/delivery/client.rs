@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::tls::{CertJudge, CertVerdict, classify_handshake_error};
-use crate::policy::{Failure, Requirement, TlsLevel, TlsVersion};
+use crate::policy::{Failure, TlsLevel, TlsVersion};
 use crate::smtp::{Capabilities, Command, DotStuffer, Reply, ReplyBuffer, ReplyError, Severity};
 
 /// Per-stage timeouts (RFC 5321 §4.5.3.2 defaults; tests scale them down).
@@ -208,14 +208,32 @@ pub struct TlsInfo {
     pub resumed: bool,
 }
 
-/// Proof that plaintext delivery is allowed: only a requirement of `none` or `may`, for a
-/// message without REQUIRETLS, yields one.
+/// Proof that plaintext delivery is allowed: only the policy chain's verdict of `none` or
+/// `may`, for a message without REQUIRETLS, yields one, and only inside this crate. Code
+/// outside cannot make one, so it cannot send a plaintext transaction with this client:
+///
+/// ```compile_fail,E0624
+/// use postwarden::delivery::client::PlaintextPermit;
+/// // Minting a permit outside the crate does not compile, even from a real plan: the
+/// // constructor is crate-private.
+/// fn mint(plan: &postwarden::policy::Plan) -> Option<PlaintextPermit> {
+///     PlaintextPermit::from_plan(plan, false)
+/// }
+/// ```
+///
+/// ```compile_fail,E0423
+/// use postwarden::delivery::client::PlaintextPermit;
+/// // Nor does building one by hand: its field is private.
+/// let permit = PlaintextPermit(());
+/// ```
 #[derive(Debug)]
 pub struct PlaintextPermit(());
 
 impl PlaintextPermit {
-    /// A permit, unless `requirement` forbids plaintext or the message carries REQUIRETLS.
-    pub fn new(requirement: &Requirement, requiretls: bool) -> Option<Self> {
+    /// A permit, unless the plan's verdict forbids plaintext (a forced requirement, or a
+    /// deferral) or the message carries REQUIRETLS.
+    pub(crate) fn from_plan(plan: &crate::policy::Plan, requiretls: bool) -> Option<Self> {
+        let requirement = plan.requirement()?;
         (requirement.level <= TlsLevel::May && !requiretls).then_some(PlaintextPermit(()))
     }
 }
@@ -1051,7 +1069,8 @@ mod eight_bit_tests {
         });
         let (mut client, _) = Client::connect(addr, Timeouts::default()).await.unwrap();
         client.ehlo("relay.test").await.unwrap();
-        let permit = PlaintextPermit::new(&Requirement::new(TlsLevel::May), false).unwrap();
+        // A test inside the module: the permit is minted directly (crate code goes through a plan).
+        let permit = PlaintextPermit(());
         let rcpts = vec!["x@example.net".to_owned()];
         let mut envelope = Envelope {
             mail_from: "a@example.test",

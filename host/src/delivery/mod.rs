@@ -28,9 +28,7 @@ use self::reuse::{ConnectionCache, Key, Parked, ReuseLimits};
 use self::route::{MxHost, Router};
 use self::tls::TlsContext;
 use crate::policy::chain::REQUIRETLS_CODE;
-use crate::policy::{
-    Action, Chain, Context, Decider, DeliveryReport, Failure, Plan, Requirement, Verdict,
-};
+use crate::policy::{Action, Chain, Context, DeliveryReport, Failure, Plan, Requirement, Verdict};
 use crate::smtp::Reply;
 
 /// One message to deliver.
@@ -44,6 +42,8 @@ pub struct Message<'a> {
     pub requiretls: bool,
     /// The message carries `TLS-Required: No`.
     pub tls_required_no: bool,
+    /// The submitter logged in with SMTP AUTH.
+    pub authenticated: bool,
     /// Delivery attempt number, from 1.
     pub attempt: u32,
     /// Seconds since acceptance.
@@ -131,13 +131,20 @@ pub struct ConnectionStats {
 
 /// Delivers messages: routing, policy, SMTP and TLS.
 pub struct Deliverer {
-    router: Router,
-    tls: TlsContext,
-    timeouts: Timeouts,
+    /// Routes, trust anchors and timeouts: replaced as a whole by a reload (SIGHUP), while
+    /// deliveries in flight finish with the settings they started with.
+    settings: std::sync::RwLock<Arc<Settings>>,
     helo_name: String,
     reuse: Arc<ConnectionCache>,
     /// What the connections did.
     pub stats: ConnectionStats,
+}
+
+/// What a reload can replace in a running [`Deliverer`].
+struct Settings {
+    router: Router,
+    tls: TlsContext,
+    timeouts: Timeouts,
 }
 
 /// What one attempt at one address came to.
@@ -161,9 +168,7 @@ impl Deliverer {
     /// A deliverer introducing itself as `helo_name`.
     pub fn new(router: Router, tls: TlsContext, timeouts: Timeouts, helo_name: &str) -> Self {
         Deliverer {
-            router,
-            tls,
-            timeouts,
+            settings: std::sync::RwLock::new(Arc::new(Settings { router, tls, timeouts })),
             helo_name: helo_name.to_owned(),
             reuse: ConnectionCache::new(ReuseLimits::default()),
             stats: ConnectionStats::default(),
@@ -174,6 +179,19 @@ impl Deliverer {
     pub fn with_reuse(mut self, limits: ReuseLimits) -> Self {
         self.reuse = ConnectionCache::new(limits);
         self
+    }
+
+    /// The settings in force.
+    fn settings(&self) -> Arc<Settings> {
+        self.settings.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Puts `other`'s routes, trust anchors and timeouts in force (SIGHUP). Connections parked
+    /// for reuse are dropped: they were verified against the old trust anchors.
+    pub fn replace_settings(&self, other: &Deliverer) {
+        let settings = other.settings();
+        *self.settings.write().unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
+        self.reuse.clear();
     }
 
     /// Connections parked for reuse now.
@@ -197,7 +215,8 @@ impl Deliverer {
                 .collect(),
             tls_log: String::new(),
         };
-        let hosts = match self.router.route(domain).await {
+        let settings = self.settings();
+        let hosts = match settings.router.route(domain).await {
             Ok(hosts) => hosts,
             Err(e) if e.is_temporary() => {
                 return every(Status::Deferred {
@@ -228,6 +247,7 @@ impl Deliverer {
                     message_age: message.age,
                     requiretls: message.requiretls,
                     tls_required_no: message.tls_required_no,
+                    authenticated: message.authenticated,
                 };
                 let plan = chain.plan(&ctx);
                 let requirement = match &plan.verdict {
@@ -318,10 +338,9 @@ impl Deliverer {
         via: DeliveredVia,
         tls_log: String,
     ) -> DomainOutcome {
-        let decided_by = match &plan.decider {
-            Decider::Policy(name) => name.clone(),
-            Decider::Default => "(default)".to_owned(),
-        };
+        // `tls-required-no(over NAME)` when the header relaxed a forced answer: the plaintext
+        // delivery is not credited to the forcing policy.
+        let decided_by = plan.decider.to_string();
         let mut any_delivered = false;
         let recipients = rcpts
             .iter()
@@ -391,7 +410,7 @@ impl Deliverer {
             Failure::StarttlsNotOffered
         } else {
             let (config, judge) =
-                match self.tls.client_config(requirement, &a.ctx.domain, &host.name) {
+                match self.settings().tls.client_config(requirement, &a.ctx.domain, &host.name) {
                     Ok(pair) => pair,
                     Err(reason) => {
                         return HostResult::Final(Status::Deferred {
@@ -498,7 +517,7 @@ impl Deliverer {
         );
         let plaintext_action =
             matches!(response.action, Action::ContinuePlaintext | Action::ReconnectPlaintext);
-        if plaintext_action && PlaintextPermit::new(a.requirement, a.message.requiretls).is_none() {
+        if plaintext_action && PlaintextPermit::from_plan(a.plan, a.message.requiretls).is_none() {
             return HostResult::Final(forced_plaintext_refused(a.requirement));
         }
         match response.action {
@@ -532,7 +551,7 @@ impl Deliverer {
 
     /// Connects, reads the greeting and sends EHLO.
     async fn open(&self, addr: SocketAddr, mx: &str) -> Result<Client<TcpStream>, String> {
-        let (mut client, greeting) = Client::connect(addr, self.timeouts)
+        let (mut client, greeting) = Client::connect(addr, self.settings().timeouts)
             .await
             .map_err(|e| format!("{mx} [{}]: {e}", addr.ip()))?;
         // Only 220 greets (RFC 5321 §4.3.1); a 554 refuses, and anything else is not SMTP.
@@ -565,7 +584,7 @@ impl Attempt<'_> {
     /// The transaction in plaintext, if the requirement allows it: the permit is checked here,
     /// once, for every path that leads to plaintext (requirement `none`, continue, reconnect).
     async fn plaintext(&self, mut client: Client<TcpStream>, fallback: Fallback) -> HostResult {
-        let Some(permit) = PlaintextPermit::new(self.requirement, self.message.requiretls) else {
+        let Some(permit) = PlaintextPermit::from_plan(self.plan, self.message.requiretls) else {
             client.quit().await;
             return HostResult::Final(forced_plaintext_refused(self.requirement));
         };

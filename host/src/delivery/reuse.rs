@@ -145,6 +145,16 @@ impl ConnectionCache {
         self.start_sweeper();
     }
 
+    /// Closes every parked connection (a reload changed the trust anchors they were checked
+    /// against).
+    pub fn clear(&self) {
+        let all: Vec<Parked> = {
+            let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+            parked.drain().flat_map(|(_, list)| list).collect()
+        };
+        all.into_iter().for_each(retire);
+    }
+
     /// Connections parked now.
     pub fn len(&self) -> usize {
         self.parked.lock().unwrap_or_else(PoisonError::into_inner).values().map(Vec::len).sum()

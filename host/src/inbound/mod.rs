@@ -54,7 +54,7 @@ pub use protocol::{
     Action, BodyDecoder, BodyFindings, Command, MailParams, PendingSubmission, Reply, Session,
     parse_command, tls_required_no,
 };
-pub use server::{serve, serve_with};
+pub use server::{serve, serve_reloadable};
 
 /// Default largest message, in bytes (25 MiB), advertised as `SIZE`.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 25 * 1024 * 1024;

@@ -41,19 +41,28 @@ pub async fn serve(
     spool: Arc<dyn Spool>,
     shutdown: watch::Receiver<bool>,
 ) {
-    serve_with(listener, options, spool, Arc::new(Anvil::default()), shutdown).await;
+    serve_reloadable(
+        listener,
+        watch::channel(options).1,
+        spool,
+        Arc::new(Anvil::default()),
+        shutdown,
+    )
+    .await;
 }
 
-/// [`serve`] with the per-address state and counters in `anvil`, which the caller keeps (for
-/// `/metrics`).
-pub async fn serve_with(
+/// [`serve`] with options that can be replaced while it runs (SIGHUP), and the per-address
+/// state and counters in `anvil`, which the caller keeps (for `/metrics`). Each new connection
+/// takes the options current when it is accepted; connections already open keep theirs.
+/// `max_connections` is read once, at start.
+pub async fn serve_reloadable(
     listener: TcpListener,
-    options: Arc<InboundOptions>,
+    options: watch::Receiver<Arc<InboundOptions>>,
     spool: Arc<dyn Spool>,
     anvil: Arc<Anvil>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(options.borrow().max_connections.max(1)));
     let mut connections = JoinSet::new();
     let mut stop = shutdown.clone();
     loop {
@@ -69,6 +78,7 @@ pub async fn serve_with(
                         continue;
                     }
                 };
+                let options = options.borrow().clone();
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     refuse(&stream, &options, "too many connections");
                     InboundStats::count(&anvil.stats.refused_global);

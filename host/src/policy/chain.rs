@@ -12,8 +12,11 @@
 //! 4. Host rules override answers: a REQUIRETLS message needs at least `verify` and never falls
 //!    back to plaintext (5.7.30 when it cannot be met); a plaintext action under a forced
 //!    requirement, or `continue-plaintext` after a handshake started, is an invalid answer.
-//!    `TLS-Required: No` (RFC 8689 §5) relaxes a forced requirement to `may`, unless the
-//!    operator disables that.
+//!    `TLS-Required: No` (RFC 8689 §5) never relaxes a forced requirement by default: a domain
+//!    forced by local agreement is a promise that nothing goes out in clear for any reason.
+//!    The operator may opt in ([`TlsRequiredNo`]), for every relaying client or only for
+//!    authenticated submitters; each relaxation is then logged at warn and counted, and the
+//!    plan's decider says the header decided, not the forcing policy.
 //! 5. Every successful delivery is reported to every policy (`on-delivered`), so policies that
 //!    learn (`tofu`) see deliveries others decided.
 
@@ -33,8 +36,43 @@ pub const REQUIRETLS_CODE: &str = "5.7.30";
 pub struct Chain {
     policies: Vec<Arc<LoadedPolicy>>,
     default: Requirement,
-    honor_tls_required_no: bool,
+    tls_required_no: TlsRequiredNo,
     counters: Counters,
+}
+
+/// Whether a `TLS-Required: No` header may relax a forced requirement to `may`
+/// (`policy_engine.tls_required_no`).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsRequiredNo {
+    /// Never: forced stays forced whatever the message says (the default).
+    #[default]
+    Never,
+    /// Only for messages whose submitter logged in with SMTP AUTH.
+    Authenticated,
+    /// For every message from a client allowed to relay.
+    Any,
+}
+
+impl TlsRequiredNo {
+    /// Whether a message submitted with (`true`) or without AUTH may be relaxed.
+    pub fn allows(self, authenticated: bool) -> bool {
+        match self {
+            TlsRequiredNo::Never => false,
+            TlsRequiredNo::Authenticated => authenticated,
+            TlsRequiredNo::Any => true,
+        }
+    }
+}
+
+impl std::fmt::Display for TlsRequiredNo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsRequiredNo::Never => "never",
+            TlsRequiredNo::Authenticated => "authenticated",
+            TlsRequiredNo::Any => "any",
+        })
+    }
 }
 
 /// Chain-wide counters (exported as metrics).
@@ -46,6 +84,10 @@ pub struct Counters {
     pub defaulted: AtomicU64,
     /// Calls that faulted, all policies together.
     pub faults: AtomicU64,
+    /// Plans where `TLS-Required: No` relaxed a forced requirement to `may`.
+    pub tls_required_no_relaxed: AtomicU64,
+    /// Plans where `TLS-Required: No` was present but a forced requirement was kept.
+    pub tls_required_no_ignored: AtomicU64,
 }
 
 /// Who decided a plan.
@@ -55,6 +97,8 @@ pub enum Decider {
     Policy(String),
     /// Every policy abstained; the configured default applied.
     Default,
+    /// A `TLS-Required: No` header relaxed what this decider forced (the operator opted in).
+    TlsRequiredNo(Box<Decider>),
 }
 
 impl std::fmt::Display for Decider {
@@ -62,6 +106,7 @@ impl std::fmt::Display for Decider {
         match self {
             Decider::Policy(name) => f.write_str(name),
             Decider::Default => f.write_str("(default)"),
+            Decider::TlsRequiredNo(over) => write!(f, "tls-required-no(over {over})"),
         }
     }
 }
@@ -96,6 +141,9 @@ pub struct Plan {
     pub trace: Vec<String>,
     /// Host rules that changed the answer.
     pub adjustments: Vec<String>,
+    /// `TLS-Required: No` relaxed the decider's forced answer: failures get the built-in
+    /// opportunistic handling, not the forcing policy's.
+    relaxed: bool,
 }
 
 impl Plan {
@@ -124,12 +172,12 @@ impl Chain {
     pub fn new(
         policies: Vec<Arc<LoadedPolicy>>,
         default: TlsLevel,
-        honor_tls_required_no: bool,
+        tls_required_no: TlsRequiredNo,
     ) -> Self {
         Chain {
             policies,
             default: Requirement::new(default),
-            honor_tls_required_no,
+            tls_required_no,
             counters: Counters::default(),
         }
     }
@@ -166,7 +214,7 @@ impl Chain {
                 Err(fault) => return self.fault(policy, index, fault, trace),
             }
         }
-        let (decider, decider_index, mut requirement) = match decided {
+        let (mut decider, decider_index, mut requirement) = match decided {
             Some((index, r)) => {
                 self.counters.decided.fetch_add(1, Ordering::Relaxed);
                 (Decider::Policy(self.policies[index].name().to_owned()), Some(index), r)
@@ -178,16 +226,38 @@ impl Chain {
         };
         let asked = Some(requirement.clone());
         let mut adjustments = Vec::new();
+        let mut relaxed = false;
         if ctx.requiretls && requirement.level < TlsLevel::Verify {
             adjustments.push(format!("REQUIRETLS raised {} to verify", requirement.level));
             requirement.level = TlsLevel::Verify;
-        } else if ctx.tls_required_no
-            && !ctx.requiretls
-            && self.honor_tls_required_no
-            && requirement.level.is_forced()
-        {
-            adjustments.push(format!("TLS-Required: No relaxed {} to may", requirement.level));
-            requirement = Requirement::new(TlsLevel::May);
+        } else if ctx.tls_required_no && !ctx.requiretls && requirement.level.is_forced() {
+            let mode = self.tls_required_no;
+            if mode.allows(ctx.authenticated) {
+                tracing::warn!(
+                    domain = %ctx.domain,
+                    mx = %ctx.mx_host,
+                    policy = %decider,
+                    level = %requirement.level,
+                    tls_required_no = %mode,
+                    authenticated = ctx.authenticated,
+                    "TLS-Required: No relaxes forced TLS to may (operator opt-in)"
+                );
+                self.counters.tls_required_no_relaxed.fetch_add(1, Ordering::Relaxed);
+                adjustments.push(format!(
+                    "TLS-Required: No relaxed {} to may (tls_required_no = {mode})",
+                    requirement.level
+                ));
+                requirement = Requirement::new(TlsLevel::May);
+                decider = Decider::TlsRequiredNo(Box::new(decider));
+                relaxed = true;
+            } else {
+                self.counters.tls_required_no_ignored.fetch_add(1, Ordering::Relaxed);
+                let who = if ctx.authenticated { "" } else { ", submitter not authenticated" };
+                adjustments.push(format!(
+                    "TLS-Required: No ignored: forced {} kept (tls_required_no = {mode}{who})",
+                    requirement.level
+                ));
+            }
         }
         Plan {
             verdict: Verdict::Require(requirement),
@@ -196,6 +266,7 @@ impl Chain {
             asked,
             trace,
             adjustments,
+            relaxed,
         }
     }
 
@@ -208,8 +279,7 @@ impl Chain {
                 adjustments: Vec::new(),
             };
         };
-        let relaxed = plan.adjustments.iter().any(|a| a.starts_with("TLS-Required"));
-        let answered = match (plan.decider_index, &plan.asked, relaxed) {
+        let answered = match (plan.decider_index, &plan.asked, plan.relaxed) {
             (Some(index), Some(asked), false) => {
                 let policy = &self.policies[index];
                 let (result, _logs) = policy.on_failure(ctx, failure);
@@ -274,6 +344,7 @@ impl Chain {
             asked: None,
             trace,
             adjustments: Vec::new(),
+            relaxed: false,
         }
     }
 }

@@ -32,7 +32,8 @@ const MAX_COMPONENT_BYTES: usize = 64 << 20;
 pub struct EngineOptions {
     /// Where compiled policies are cached (`None`: no cache).
     pub cache_dir: Option<PathBuf>,
-    /// Policy calls that may run at the same time (pool size).
+    /// Instance slots of the pooling allocator (pool size). Calls still run at most one per
+    /// CPU: the call gate admits them before their store is created.
     pub max_concurrent_calls: u32,
 }
 

@@ -35,11 +35,13 @@ const MAX_TABLE_ENTRIES: usize = 2_000_000;
 /// (100,000 domains) that the decisions then read from the host. Decisions must be fast.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Limits {
-    /// Wall-clock budget per decision call, enforced by epoch interruption (1 ms resolution).
+    /// CPU-time budget per decision call: the call's thread CPU time, checked at each epoch
+    /// tick (1 ms resolution); time spent waiting for a CPU is not charged, and a wall-clock
+    /// ceiling of 20 budgets (at least 1 s) still ends a starved call (`CpuClock`).
     pub deadline: Duration,
     /// Largest linear memory during a decision call, in bytes.
     pub memory: usize,
-    /// Wall-clock budget of `configure`.
+    /// CPU-time budget of `configure`, counted the same way.
     pub configure_deadline: Duration,
     /// Largest linear memory during `configure`, in bytes.
     pub configure_memory: usize,
@@ -324,15 +326,20 @@ impl CpuClock {
     /// Called on the guest's thread when the epoch deadline passes; the first deadline is set
     /// one tick after the store is created.
     fn on_deadline(&mut self) -> UpdateDeadline {
+        self.on_deadline_at(thread_cpu_time(), Instant::now())
+    }
+
+    /// [`Self::on_deadline`] with the clocks read by the caller (tests pass made-up times).
+    fn on_deadline_at(&mut self, cpu: Duration, now: Instant) -> UpdateDeadline {
         let Some((cpu_at_reference, wall_at_reference)) = self.reference else {
-            self.reference = Some((thread_cpu_time(), Instant::now()));
+            self.reference = Some((cpu, now));
             return UpdateDeadline::Continue(super::engine::deadline_ticks(self.budget));
         };
-        let used = thread_cpu_time().saturating_sub(cpu_at_reference);
+        let used = cpu.saturating_sub(cpu_at_reference);
         if used >= self.budget {
             return UpdateDeadline::Interrupt;
         }
-        if wall_at_reference.elapsed() >= self.wall_ceiling() {
+        if now.saturating_duration_since(wall_at_reference) >= self.wall_ceiling() {
             self.starved = true;
             return UpdateDeadline::Interrupt;
         }
@@ -563,16 +570,32 @@ mod clock_tests {
         assert!(matches!(clock.on_deadline(), UpdateDeadline::Interrupt), "work was not charged");
     }
 
+    /// The clocks are injected: a real sleep near the ceiling would fail whenever the
+    /// machine is slow to wake the test thread.
     #[test]
     fn a_starved_call_still_ends_at_the_wall_clock_ceiling() {
         let mut clock = CpuClock::new(Duration::from_millis(1));
         assert_eq!(clock.wall_ceiling(), MIN_WALL_CEILING);
-        assert!(matches!(clock.on_deadline(), UpdateDeadline::Continue(_)));
-        std::thread::sleep(Duration::from_millis(500));
-        assert!(matches!(clock.on_deadline(), UpdateDeadline::Continue(_)));
+        let (cpu, start) = (Duration::from_secs(7), Instant::now());
+        assert!(matches!(clock.on_deadline_at(cpu, start), UpdateDeadline::Continue(_)));
+        let just_before = start + MIN_WALL_CEILING - Duration::from_nanos(1);
+        assert!(matches!(clock.on_deadline_at(cpu, just_before), UpdateDeadline::Continue(_)));
         assert!(!clock.starved);
-        std::thread::sleep(Duration::from_millis(550));
-        assert!(matches!(clock.on_deadline(), UpdateDeadline::Interrupt));
+        let at_ceiling = start + MIN_WALL_CEILING;
+        assert!(matches!(clock.on_deadline_at(cpu, at_ceiling), UpdateDeadline::Interrupt));
         assert!(clock.starved, "the fault must say the machine starved the call");
+    }
+
+    #[test]
+    fn the_budget_counts_cpu_from_the_first_tick() {
+        let mut clock = CpuClock::new(Duration::from_millis(20));
+        let (cpu, start) = (Duration::from_secs(3), Instant::now());
+        assert!(matches!(clock.on_deadline_at(cpu, start), UpdateDeadline::Continue(_)));
+        let later = start + Duration::from_millis(100);
+        let almost = cpu + Duration::from_millis(19);
+        assert!(matches!(clock.on_deadline_at(almost, later), UpdateDeadline::Continue(_)));
+        let spent = cpu + Duration::from_millis(20);
+        assert!(matches!(clock.on_deadline_at(spent, later), UpdateDeadline::Interrupt));
+        assert!(!clock.starved, "used its budget: not starved");
     }
 }

@@ -20,7 +20,7 @@ pub mod types;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use chain::{Chain, Decider, Plan, Response, Verdict};
+pub use chain::{Chain, Decider, Plan, Response, TlsRequiredNo, Verdict};
 pub use engine::{
     CompileSource, ComponentInfo, EngineOptions, LoadError, PolicyEngine, PolicySource,
 };
@@ -48,6 +48,11 @@ impl ChainHandle {
     /// The chain in force.
     pub fn current(&self) -> Arc<Chain> {
         self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Puts `chain` in force; calls in flight finish with the chain they started with.
+    pub fn replace(&self, chain: Chain) {
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(chain);
     }
 
     /// Loads the chain described by `config` and, only if every policy loads and configures,
@@ -121,7 +126,7 @@ pub fn load_chain(
     Ok(Chain::new(
         policies,
         config.policy_engine.default_level,
-        config.policy_engine.honor_tls_required_no,
+        config.policy_engine.tls_required_no,
     ))
 }
 

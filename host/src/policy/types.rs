@@ -125,6 +125,9 @@ pub struct Context {
     pub requiretls: bool,
     /// The message carries `TLS-Required: No`.
     pub tls_required_no: bool,
+    /// The message's submitter logged in with SMTP AUTH (host-only: not passed to policies;
+    /// it decides whether `TLS-Required: No` may relax a forced requirement).
+    pub authenticated: bool,
 }
 
 impl Context {

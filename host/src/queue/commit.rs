@@ -120,6 +120,7 @@ mod tests {
                     next_attempt: 0,
                     requiretls: false,
                     tls_required_no: false,
+                    authenticated: false,
                     warned: false,
                 };
                 let body = NewBody::Bytes(format!("body {n}").into_bytes());

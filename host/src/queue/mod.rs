@@ -75,6 +75,8 @@ pub struct NewMessage {
     pub requiretls: bool,
     /// `TLS-Required: No`.
     pub tls_required_no: bool,
+    /// The submitter logged in with SMTP AUTH.
+    pub authenticated: bool,
 }
 
 /// The queue and its scheduler.
@@ -206,6 +208,7 @@ impl Queue {
             next_attempt: 0,
             requiretls: message.requiretls,
             tls_required_no: message.tls_required_no,
+            authenticated: message.authenticated,
             warned: false,
         };
         let body = match message.staged {
@@ -351,6 +354,7 @@ impl Queue {
             body: &body,
             requiretls: envelope.requiretls,
             tls_required_no: envelope.tls_required_no,
+            authenticated: envelope.authenticated,
             attempt: envelope.attempts,
             age,
         };
@@ -503,6 +507,7 @@ impl Queue {
             staged: None,
             requiretls: false,
             tls_required_no: false,
+            authenticated: false,
         };
         if let Err(e) = self.accept_durably(message).await {
             tracing::error!(id = %envelope.id, "cannot queue the DSN: {e}");

@@ -46,6 +46,10 @@ pub struct Envelope {
     /// Carries `TLS-Required: No`.
     #[serde(default)]
     pub tls_required_no: bool,
+    /// The submitter logged in with SMTP AUTH (`policy_engine.tls_required_no =
+    /// "authenticated"` relaxes only such messages).
+    #[serde(default)]
+    pub authenticated: bool,
     /// Whether a delay warning was sent already.
     #[serde(default)]
     pub warned: bool,
@@ -450,6 +454,7 @@ mod tests {
             next_attempt: 0,
             requiretls: false,
             tls_required_no: false,
+            authenticated: false,
             warned: false,
         }
     }
