@@ -146,6 +146,10 @@ enum HostResult {
     Done(Vec<RcptResult>, DeliveredVia),
     /// Try the next host or address (connection failure, greeting refused, next-mx action).
     Next { code: String, reason: String },
+    /// The policy answered `next-mx` to a TLS failure under a requirement that allows
+    /// plaintext: try the next host, and should none deliver, come back here in plaintext
+    /// (see [`Deliverer::deliver`]).
+    NextTryingTls { code: String, reason: String },
     /// Stop: every pending recipient gets this.
     Final(Status),
 }
@@ -211,6 +215,10 @@ impl Deliverer {
         };
         let mut last = ("4.4.1".to_owned(), format!("no MX host of {domain} could be reached"));
         let count = u32::try_from(hosts.len()).unwrap_or(u32::MAX);
+        // Addresses passed over by `next-mx` after a TLS failure under a requirement that
+        // allows plaintext, most preferred first: the plaintext pass below.
+        let mut plaintext_later: Vec<(&MxHost, SocketAddr, Context, Plan, Requirement)> =
+            Vec::new();
         for (index, host) in hosts.iter().enumerate() {
             for &addr in &host.addrs {
                 let ctx = Context {
@@ -271,6 +279,13 @@ impl Deliverer {
                         tracing::info!(domain, mx = %host.name, %addr, %code, "trying next host: {reason}");
                         last = (code, reason);
                     }
+                    HostResult::NextTryingTls { code, reason } => {
+                        let _ =
+                            write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);
+                        tracing::info!(domain, mx = %host.name, %addr, %code, "trying TLS at the next host: {reason}");
+                        last = (code, reason);
+                        plaintext_later.push((host, addr, ctx, plan, requirement));
+                    }
                     HostResult::Final(status) => {
                         let word = match &status {
                             Status::Bounced { code, .. } => format!("bounce({code})"),
@@ -282,6 +297,50 @@ impl Deliverer {
                         outcome.tls_log = log;
                         return outcome;
                     }
+                }
+            }
+        }
+        // Every host was tried with TLS and none delivered. `next-mx` under a requirement that
+        // allows plaintext means "TLS elsewhere first", not "TLS or nothing" (that is what the
+        // forced levels are for): fall back to plaintext now, in the same attempt, at the most
+        // preferred host that was passed over for a TLS failure. A deferral would only bring
+        // the same answer later.
+        for (host, addr, ctx, plan, requirement) in &plaintext_later {
+            let attempt = Attempt {
+                chain,
+                plan,
+                ctx,
+                requirement,
+                host,
+                addr: *addr,
+                message,
+                envelope: Envelope {
+                    mail_from: message.mail_from,
+                    rcpts,
+                    size: message.body.len() as u64,
+                    eight_bit: message.body.iter().any(|b| *b >= 0x80),
+                    requiretls: message.requiretls,
+                },
+            };
+            let result = match self.open(*addr, &host.name).await {
+                Ok(client) => attempt.plaintext(client, Fallback::Reconnect).await,
+                Err(reason) => HostResult::Next { code: "4.4.1".into(), reason },
+            };
+            match result {
+                HostResult::Done(results, via) => {
+                    let word = tls_word(&via.tls, via.fallback);
+                    let _ = write!(log, "{}tls={}:{word}", sep(&log), requirement.level);
+                    return self.finish(chain, ctx, plan, host, *addr, rcpts, results, via, log);
+                }
+                HostResult::Next { code, reason } | HostResult::NextTryingTls { code, reason } => {
+                    let _ = write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);
+                    tracing::info!(domain, mx = %host.name, %addr, %code, "plaintext fallback failed: {reason}");
+                    last = (code, reason);
+                }
+                HostResult::Final(status) => {
+                    let mut outcome = every(status);
+                    outcome.tls_log = log;
+                    return outcome;
                 }
             }
         }
@@ -508,10 +567,14 @@ impl Deliverer {
                     Err(reason) => HostResult::Next { code: "4.4.1".into(), reason },
                 }
             }
-            Action::NextMx => HostResult::Next {
-                code: failure.defer_code().to_owned(),
-                reason: format!("{} at {} [{}]", failure, host.name, addr.ip()),
-            },
+            Action::NextMx => {
+                let code = failure.defer_code().to_owned();
+                let reason = format!("{} at {} [{}]", failure, host.name, addr.ip());
+                match PlaintextPermit::new(a.requirement, a.message.requiretls) {
+                    Some(_) => HostResult::NextTryingTls { code, reason },
+                    None => HostResult::Next { code, reason },
+                }
+            }
             Action::Defer { code, reason } => HostResult::Final(Status::Deferred { code, reason }),
             Action::Bounce { code, reason } => HostResult::Final(Status::Bounced { code, reason }),
         }
