@@ -28,6 +28,9 @@ const MAX_LOG_LINE: usize = 1024;
 const MAX_STDIO: usize = 16 * 1024;
 /// Table entries a policy may create in `configure`.
 const MAX_TABLE_ENTRIES: usize = 2_000_000;
+/// What one table entry costs the host beyond its key and value bytes (two `String` headers
+/// and the hash map's slot, rounded up), counted against [`Limits::table_bytes`].
+pub const TABLE_ENTRY_OVERHEAD: usize = 64;
 
 /// Resource limits applied to every call into a policy.
 ///
@@ -43,6 +46,11 @@ pub struct Limits {
     pub configure_deadline: Duration,
     /// Largest linear memory during `configure`, in bytes.
     pub configure_memory: usize,
+    /// Most host memory the policy's table may hold, in bytes: keys, values and
+    /// [`TABLE_ENTRY_OVERHEAD`] per entry. The table lives in the relay, outside the guest's
+    /// memory cap, for as long as the policy is loaded; a `configure` that tries to keep more
+    /// fails the load.
+    pub table_bytes: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +60,7 @@ impl Default for Limits {
             memory: 16 << 20,
             configure_deadline: Duration::from_secs(1),
             configure_memory: 256 << 20,
+            table_bytes: 64 << 20,
         }
     }
 }
@@ -80,6 +89,17 @@ pub enum PolicyFault {
     /// `configure` rejected the settings.
     #[error("rejected its settings: {0}")]
     Configure(String),
+    /// `configure` tried to keep more in the host table than the policy's limit.
+    #[error(
+        "tried to keep {wanted} bytes in its host table (`table-put`), more than its limit of \
+         {limit} bytes (table_limit_mib)"
+    )]
+    TableLimit {
+        /// The bytes the table would have held with every write kept.
+        wanted: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl PolicyFault {
@@ -91,6 +111,7 @@ impl PolicyFault {
             PolicyFault::MemoryLimit(_) => "memory",
             PolicyFault::Invalid(_) => "invalid",
             PolicyFault::Configure(_) => "configure",
+            PolicyFault::TableLimit { .. } => "table",
         }
     }
 }
@@ -160,6 +181,10 @@ impl LoadedPolicy {
             policy.call(true, |exports, store| exports.configure(store, &settings));
         let result = result?;
         result.map_err(PolicyFault::Configure)?;
+        if state.table_refused > 0 {
+            let wanted = state.table_bytes.saturating_add(state.table_refused);
+            return Err(PolicyFault::TableLimit { wanted, limit: policy.limits.table_bytes });
+        }
         policy.table = Arc::new(state.table_writes.unwrap_or_default());
         Ok(policy)
     }
@@ -273,6 +298,9 @@ impl LoadedPolicy {
             name: self.name.clone(),
             table: self.table.clone(),
             table_writes: configuring.then(HashMap::new),
+            table_bytes: 0,
+            table_limit: self.limits.table_bytes,
+            table_refused: 0,
             kv: self.kv.clone(),
             logs: Vec::new(),
             limiter: Limiter { max_memory, exceeded: false },
@@ -381,6 +409,11 @@ pub(crate) struct StoreState {
     name: Arc<str>,
     pub(super) table: Arc<HashMap<String, String>>,
     table_writes: Option<HashMap<String, String>>,
+    /// Bytes `table_writes` holds, counted as [`Limits::table_bytes`] says.
+    table_bytes: usize,
+    table_limit: usize,
+    /// Bytes of the writes refused because the table would have exceeded `table_limit`.
+    table_refused: usize,
     pub(super) kv: Arc<dyn KvStore>,
     logs: Vec<String>,
     limiter: Limiter,
@@ -415,8 +448,19 @@ impl StoreState {
     }
 
     pub(super) fn table_put(&mut self, key: String, value: String) {
+        let cost = |k: &str, v: &str| k.len() + v.len() + TABLE_ENTRY_OVERHEAD;
         match &mut self.table_writes {
             Some(table) if table.len() < MAX_TABLE_ENTRIES || table.contains_key(&key) => {
+                let new = cost(&key, &value);
+                let old = table.get(&key).map_or(0, |v| cost(&key, v));
+                let total = (self.table_bytes - old).saturating_add(new);
+                if total > self.table_limit {
+                    // Refused, not stored: the host never holds more than the limit. The load
+                    // then fails with the figure (see `configure`).
+                    self.table_refused = self.table_refused.saturating_add(new);
+                    return;
+                }
+                self.table_bytes = total;
                 table.insert(key, value);
             }
             Some(_) => self.log(tracing::Level::WARN, "table-put dropped: table full".into()),
