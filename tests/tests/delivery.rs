@@ -186,10 +186,7 @@ async fn opportunistic_tries_tls_at_every_mx_before_plaintext() {
         }
         other => panic!("MX-04: expected plaintext via mx1, got {other:?}"),
     }
-    assert_eq!(
-        out.tls_log,
-        "tls=may:next(4.7.5) tls=may:next(4.7.5) tls=may:plaintext(reconnect)"
-    );
+    assert_eq!(out.tls_log, "tls=may:next(4.7.5) tls=may:next(4.7.5) tls=may:plaintext(reconnect)");
     let transcript = fleet.transcript("mx-04.sim.test");
     let hosts: Vec<&str> = transcript.connections.iter().map(|c| c.mx.as_str()).collect();
     assert_eq!(
@@ -199,7 +196,9 @@ async fn opportunistic_tries_tls_at_every_mx_before_plaintext() {
     );
     let last = &transcript.connections[2].events;
     assert!(
-        !last.iter().any(|e| matches!(e, Event::Received { line, .. } if line.eq_ignore_ascii_case("STARTTLS"))),
+        !last.iter().any(
+            |e| matches!(e, Event::Received { line, .. } if line.eq_ignore_ascii_case("STARTTLS"))
+        ),
         "the plaintext pass does not try STARTTLS again"
     );
 }

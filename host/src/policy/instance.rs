@@ -164,18 +164,7 @@ pub(super) struct Parts {
 impl LoadedPolicy {
     /// Runs `configure` with `settings` (JSON) and returns the configured policy.
     pub(super) fn configure(parts: Parts, settings: &str) -> Result<Self, PolicyFault> {
-        let mut policy = LoadedPolicy {
-            name: parts.name,
-            exports: parts.exports,
-            needs_wasi: parts.needs_wasi,
-            engine: parts.engine,
-            limits: parts.limits,
-            table: Arc::new(HashMap::new()),
-            kv: parts.kv,
-            stats: Arc::default(),
-            sha256: parts.sha256,
-            gate: parts.gate,
-        };
+        let mut policy = Self::unconfigured(parts);
         let settings = settings.to_owned();
         let (result, state) =
             policy.call(true, |exports, store| exports.configure(store, &settings));
@@ -187,6 +176,23 @@ impl LoadedPolicy {
         }
         policy.table = Arc::new(state.table_writes.unwrap_or_default());
         Ok(policy)
+    }
+
+    /// The policy before `configure`, with an empty table: for checks that need no settings,
+    /// such as whether a decision's instance fits the decision limits at all.
+    pub(super) fn unconfigured(parts: Parts) -> Self {
+        LoadedPolicy {
+            name: parts.name,
+            exports: parts.exports,
+            needs_wasi: parts.needs_wasi,
+            engine: parts.engine,
+            limits: parts.limits,
+            table: Arc::new(HashMap::new()),
+            kv: parts.kv,
+            stats: Arc::default(),
+            sha256: parts.sha256,
+            gate: parts.gate,
+        }
     }
 
     /// The policy's name from the relay config.
@@ -231,7 +237,8 @@ impl LoadedPolicy {
         (result, state.logs)
     }
 
-    /// Instantiates in a fresh store and drops it, without calling anything (benchmarks).
+    /// Instantiates in a fresh store and drops it, without calling anything (benchmarks, and
+    /// `policy check`: does a decision instance fit the decision limits at all).
     #[doc(hidden)]
     pub fn instantiate_only(&self) -> Result<(), PolicyFault> {
         self.call(false, |exports, store| exports.instantiate(store)).0
