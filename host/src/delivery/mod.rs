@@ -186,7 +186,70 @@ impl Deliverer {
     }
 
     /// Delivers `message` to `rcpts`, all in `domain`, under `chain`.
+    ///
+    /// An address no SMTP command can carry (a control character, `<` or `>` outside a quoted
+    /// local part: an envelope the inbound side would refuse today) is a permanent problem of
+    /// that recipient alone: it bounces with 5.1.3 and the others are delivered without it,
+    /// rather than the encoder aborting the transaction for every recipient of the domain. A
+    /// sender no command can carry bounces every recipient (5.1.7).
     pub async fn deliver(
+        &self,
+        chain: &Chain,
+        message: &Message<'_>,
+        domain: &str,
+        rcpts: &[String],
+    ) -> DomainOutcome {
+        let unsendable = |command: crate::smtp::Command| command.encode(&mut Vec::new()).err();
+        let sender = crate::smtp::Command::Mail {
+            from: message.mail_from.to_owned(),
+            size: None,
+            body_8bit: false,
+            requiretls: false,
+        };
+        let bounce = |code: &str, reason: String| Status::Bounced { code: code.to_owned(), reason };
+        if let Some(e) = unsendable(sender) {
+            let status = bounce("5.1.7", format!("553 the sender cannot be sent: {e}"));
+            let recipients = rcpts
+                .iter()
+                .map(|r| RecipientOutcome { rcpt: r.clone(), status: status.clone() })
+                .collect();
+            return DomainOutcome { recipients, tls_log: String::new() };
+        }
+        let refused: Vec<Option<Status>> = rcpts
+            .iter()
+            .map(|to| {
+                let e = unsendable(crate::smtp::Command::Rcpt { to: to.clone() })?;
+                Some(bounce("5.1.3", format!("553 the recipient cannot be sent: {e}")))
+            })
+            .collect();
+        if refused.iter().all(Option::is_none) {
+            return self.deliver_sendable(chain, message, domain, rcpts).await;
+        }
+        let sendable: Vec<String> = rcpts
+            .iter()
+            .zip(&refused)
+            .filter(|(_, r)| r.is_none())
+            .map(|(t, _)| t.clone())
+            .collect();
+        let outcome = if sendable.is_empty() {
+            DomainOutcome { recipients: Vec::new(), tls_log: String::new() }
+        } else {
+            self.deliver_sendable(chain, message, domain, &sendable).await
+        };
+        let (mut delivered, tls_log) = (outcome.recipients.into_iter(), outcome.tls_log);
+        let recipients = rcpts
+            .iter()
+            .zip(refused)
+            .filter_map(|(rcpt, refused)| match refused {
+                Some(status) => Some(RecipientOutcome { rcpt: rcpt.clone(), status }),
+                None => delivered.next(),
+            })
+            .collect();
+        DomainOutcome { recipients, tls_log }
+    }
+
+    /// [`Deliverer::deliver`] for recipients that can all be sent.
+    async fn deliver_sendable(
         &self,
         chain: &Chain,
         message: &Message<'_>,
