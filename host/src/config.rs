@@ -590,7 +590,7 @@ pub struct PolicyConfig {
     #[serde(default = "default_configure_memory_mib")]
     pub configure_memory_limit_mib: u64,
     /// Most host memory the policy's table (what `configure` keeps with `table-put`) may
-    /// hold, in MiB (default 64; a 100,000-domain `forced-tls` needs about 10). The table lives
+    /// hold, in MiB (default 64; a 100,000-domain `forced-tls` needs 8.2). The table lives
     /// outside the guest's memory caps for as long as the policy is loaded; a `configure` that
     /// tries to keep more fails the load, naming the figure.
     #[serde(default = "default_table_limit_mib")]

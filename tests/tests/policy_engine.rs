@@ -374,6 +374,22 @@ fn a_policy_cannot_keep_more_than_its_table_limit_in_the_host() {
         .replace("deadline_ms = 20", "configure_deadline_ms = 60000\ntable_limit_mib = 1");
     let err = chains::load(&tight).err().unwrap().to_string();
     assert!(err.contains("more than its limit of 1048576 bytes"), "{err}");
+
+    // What a large legitimate table costs: 100,000 forced-tls domains, well within the default.
+    let domains: Vec<String> =
+        (0..100_000).map(|i| format!("\"d{i}.example\" = \"verify\"")).collect();
+    let large = format!(
+        "[[policy]]\nname = \"forced\"\npath = \"{{wasm:forced-tls}}\"\nconfigure_deadline_ms = 60000\n\
+         table_limit_mib = 1\n[policy.settings.domains]\n{}\n",
+        domains.join("\n")
+    );
+    let err = chains::load(&large).err().unwrap().downcast::<LoadError>().unwrap();
+    let LoadError::Configure { fault: PolicyFault::TableLimit { wanted, .. }, .. } = &err else {
+        panic!("expected a table-limit fault, got {err}");
+    };
+    eprintln!("100,000 forced-tls domains: {wanted} bytes of table");
+    assert!(*wanted < 10 << 20, "{wanted}");
+    assert!(chains::load(&large.replace("table_limit_mib = 1\n", "")).is_ok());
 }
 
 #[test]
