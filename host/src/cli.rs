@@ -80,8 +80,9 @@ pub enum QueueCommand {
 /// `postwarden policy ...`
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Check that a component implements the policy contract (and, with --settings, that it
-    /// accepts them).
+    /// Check that a component implements the policy contract and can decide under the default
+    /// limits: it is instantiated as a decision would be, configured (with --settings, or `{}`),
+    /// and asked a sample `plan` and `on-failure`.
     Check {
         /// The component (`.wasm`, or component text `.wat`).
         file: PathBuf,
@@ -277,16 +278,53 @@ pub fn policy_check(
     for import in &info.imports {
         writeln!(out, "  import:   {import}")?;
     }
-    if let Some(settings) = settings {
-        let source = policy::PolicySource {
-            name: name.clone(),
-            bytes,
-            settings: settings.to_owned(),
-            limits: policy::Limits::default(),
-        };
-        engine.load(&source, std::sync::Arc::new(policy::MemoryKv::default()))?;
-        writeln!(out, "  settings: accepted")?;
+    // A component can implement the contract and still never decide: a data segment larger
+    // than the decision memory cap makes every instance fault. Run what the relay will run,
+    // under the limits it will run it with.
+    let limits = policy::Limits::default();
+    engine.check_decision_instance(&name, &bytes, limits)?;
+    writeln!(
+        out,
+        "  instance: fits the decision limits ({} MiB, {} ms)",
+        limits.memory >> 20,
+        limits.deadline.as_millis()
+    )?;
+    let source = policy::PolicySource {
+        name: name.clone(),
+        bytes,
+        settings: settings.unwrap_or("{}").to_owned(),
+        limits,
+    };
+    let loaded = match engine.load(&source, std::sync::Arc::new(policy::MemoryKv::default())) {
+        Ok((loaded, _)) => loaded,
+        Err(policy::LoadError::Configure {
+            fault: policy::PolicyFault::Configure(reason), ..
+        }) if settings.is_none() => {
+            writeln!(out, "  settings: `{{}}` rejected ({reason})")?;
+            writeln!(
+                out,
+                "  sample:   skipped; pass --settings to configure it and try a decision"
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    writeln!(out, "  settings: accepted{}", if settings.is_none() { " (`{}`)" } else { "" })?;
+    let ctx = Context::new("example.com", "mx.example.com");
+    let fault = |call: &str, fault: policy::PolicyFault| {
+        anyhow::anyhow!("policy `{name}`: sample `{call}` for example.com {fault}")
+    };
+    let decision = loaded.plan(&ctx).0.map_err(|e| fault("plan", e))?;
+    match &decision {
+        policy::Decision::Abstain => write!(out, "  sample:   plan -> abstain")?,
+        policy::Decision::Require(requirement) => write!(out, "  sample:   plan -> {requirement}")?,
     }
+    if matches!(decision, policy::Decision::Require(_)) {
+        let failure = Failure::HandshakeFailed("sample".to_owned());
+        let action = loaded.on_failure(&ctx, &failure).0.map_err(|e| fault("on-failure", e))?;
+        write!(out, "; on-failure(handshake-failed) -> {action}")?;
+    }
+    writeln!(out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -705,6 +705,12 @@ pub struct PolicyConfig {
     /// Memory cap of `configure`, in MiB (default 256): enough to parse large tables.
     #[serde(default = "default_configure_memory_mib")]
     pub configure_memory_limit_mib: u64,
+    /// Most host memory the policy's table (what `configure` keeps with `table-put`) may
+    /// hold, in MiB (default 64; a 100,000-domain `forced-tls` needs 8.2). The table lives
+    /// outside the guest's memory caps for as long as the policy is loaded; a `configure` that
+    /// tries to keep more fails the load, naming the figure.
+    #[serde(default = "default_table_limit_mib")]
+    pub table_limit_mib: u64,
     /// The policy's own settings, handed to its `configure` as JSON.
     #[serde(default)]
     pub settings: toml::Table,
@@ -724,6 +730,7 @@ impl PolicyConfig {
             memory: mib(self.memory_limit_mib),
             configure_deadline: Duration::from_millis(self.configure_deadline_ms),
             configure_memory: mib(self.configure_memory_limit_mib),
+            table_bytes: mib(self.table_limit_mib),
         }
     }
 }
@@ -954,6 +961,9 @@ impl Config {
                     key("memory_limit_mib")
                 ));
             }
+            if !(1..=4096).contains(&policy.table_limit_mib) {
+                return Err(format!("{}: must be between 1 and 4096", key("table_limit_mib")));
+            }
             if let Some(pin) = &policy.sha256
                 && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
             {
@@ -1058,6 +1068,10 @@ fn default_configure_deadline_ms() -> u64 {
 
 fn default_configure_memory_mib() -> u64 {
     256
+}
+
+fn default_table_limit_mib() -> u64 {
+    64
 }
 
 #[cfg(test)]

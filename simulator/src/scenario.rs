@@ -7,7 +7,9 @@
 //! runs [`crate::invariants::check`] over the transcript.
 //!
 //! Team decisions applied (research §7): after a failed handshake, O reconnects at once in
-//! plaintext to the same MX (`PlainReconnect`); any refusal of STARTTLS under F/FV defers with
+//! plaintext to the same MX (`PlainReconnect`) when it is the only one, and with several MX
+//! hosts tries TLS at the others first, falling back to plaintext at the most preferred only
+//! when none delivers over TLS (issue 10 item 8); any refusal of STARTTLS under F/FV defers with
 //! 4.7.4; a 5xx greeting defers; FV matches the MX host name; no revocation checking; F sends
 //! STARTTLS even when it is not advertised; STARTTLS is recognised on any EHLO line.
 //!
@@ -1496,23 +1498,23 @@ fn multi_mx() -> Vec<Scenario> {
         Scenario::new(
             "MX-01",
             sec,
-            "mx1 (10) has no STARTTLS; mx2 (20) has valid TLS",
-            "Postfix next-MX after a policy failure; RFC 5321 §5.1",
+            "mx1 (10) has no STARTTLS; mx2 (20) has valid TLS (O tries TLS at mx2 first)",
+            "Postfix next-MX after a policy failure; RFC 5321 §5.1; issue 10 item 8",
             Behaviour::plain(),
-            Expected::new(Plain, Tls, Tls),
+            ALL_TLS,
         )
         .with_mx(vec![MxSpec::primary(), good_mx2()])
-        .via(via(Some("mx1"), Some("mx2"), Some("mx2"))),
+        .via(via(Some("mx2"), Some("mx2"), Some("mx2"))),
         Scenario::new(
             "MX-02",
             sec,
-            "mx1 fails the handshake; mx2 has good TLS (team: O reconnects in plaintext to mx1)",
-            "research §7 decision 1; Dukhovni 2014",
+            "mx1 fails the handshake; mx2 has good TLS (O tries TLS at mx2 before plaintext)",
+            "Postfix delivers via mx2 after a deferral; issue 10 item 8: in the same attempt",
             Behaviour::raw(Responder::Alert(40)),
-            Expected::new(PlainReconnect, Tls, Tls),
+            ALL_TLS,
         )
         .with_mx(vec![MxSpec::primary(), good_mx2()])
-        .via(via(Some("mx1"), Some("mx2"), Some("mx2"))),
+        .via(via(Some("mx2"), Some("mx2"), Some("mx2"))),
         Scenario::new(
             "MX-03",
             sec,
@@ -1526,7 +1528,7 @@ fn multi_mx() -> Vec<Scenario> {
         Scenario::new(
             "MX-04",
             sec,
-            "every MX fails the handshake",
+            "every MX fails the handshake (O: plaintext at the most preferred, same attempt)",
             "RFC 8461 §5; RFC 5321 §4.5.4.1",
             Behaviour::raw(Responder::Alert(40)),
             TLS_BROKEN,

@@ -174,6 +174,102 @@ async fn a_faulty_policy_defers_before_any_connection() {
     );
 }
 
+/// Issue 10 item 8: the opportunistic policy tries TLS at every MX host before plaintext at any,
+/// in one attempt and without a deferral. MX-02: mx1 fails the handshake, mx2 delivers over
+/// TLS. MX-01: mx1 has no STARTTLS, mx2 delivers over TLS. MX-04: both fail the handshake, so
+/// the message goes in plaintext to the most preferred (mx1), not the last one tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_tries_tls_at_every_mx_before_plaintext() {
+    let (fleet, deliverer) = sim::fleet(&["MX-01", "MX-02", "MX-04"]).await.unwrap();
+    let (o, _e, _d) = chains::load(OPPORTUNISTIC).unwrap();
+
+    let out = sim::send(&deliverer, &o, "mx-02.sim.test", false, false).await;
+    match status(&out) {
+        Status::Delivered { mx, tls: Some(_), .. } => assert_eq!(mx, "mx2.mx-02.sim.test"),
+        other => panic!("MX-02: expected TLS via mx2, got {other:?}"),
+    }
+    assert_eq!(out.tls_log, "tls=may:next(4.7.5) tls=may:tls1.3,verified");
+
+    let out = sim::send(&deliverer, &o, "mx-01.sim.test", false, false).await;
+    match status(&out) {
+        Status::Delivered { mx, tls: Some(_), .. } => assert_eq!(mx, "mx2.mx-01.sim.test"),
+        other => panic!("MX-01: expected TLS via mx2, got {other:?}"),
+    }
+    assert_eq!(out.tls_log, "tls=may:next(4.7.4) tls=may:tls1.3,verified");
+
+    let out = sim::send(&deliverer, &o, "mx-04.sim.test", false, false).await;
+    match status(&out) {
+        Status::Delivered { mx, tls: None, fallback: Fallback::Reconnect, .. } => {
+            assert_eq!(mx, "mx1.mx-04.sim.test")
+        }
+        other => panic!("MX-04: expected plaintext via mx1, got {other:?}"),
+    }
+    assert_eq!(out.tls_log, "tls=may:next(4.7.5) tls=may:next(4.7.5) tls=may:plaintext(reconnect)");
+    let transcript = fleet.transcript("mx-04.sim.test");
+    let hosts: Vec<&str> = transcript.connections.iter().map(|c| c.mx.as_str()).collect();
+    assert_eq!(
+        hosts,
+        ["mx1.mx-04.sim.test", "mx2.mx-04.sim.test", "mx1.mx-04.sim.test"],
+        "TLS at each host, then plaintext from the top"
+    );
+    let last = &transcript.connections[2].events;
+    assert!(
+        !last.iter().any(
+            |e| matches!(e, Event::Received { line, .. } if line.eq_ignore_ascii_case("STARTTLS"))
+        ),
+        "the plaintext pass does not try STARTTLS again"
+    );
+}
+
+/// Issue 10 item 5: an address no SMTP command can carry (here `<` outside a quoted local part,
+/// as an older relay could have queued it) is a permanent problem of that recipient alone: it
+/// bounces with 5.1.3 and its co-recipient is delivered, instead of the transaction aborting
+/// as a 4.4.2 for both until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsendable_recipient_bounces_alone() {
+    use postwarden::delivery::Message;
+
+    let (fleet, deliverer) = sim::fleet(&["CAP-01"]).await.unwrap();
+    let (o, _e, _d) = chains::load(OPPORTUNISTIC).unwrap();
+    let body = "From: <sender@postwarden.test>\r\nSubject: two\r\n\r\nhello\r\n";
+    let message = Message {
+        mail_from: "sender@postwarden.test",
+        body: body.as_bytes(),
+        requiretls: false,
+        tls_required_no: false,
+        authenticated: false,
+        attempt: 1,
+        age: 0,
+    };
+    let rcpts = ["a>b@cap-01.sim.test".to_owned(), "good@cap-01.sim.test".to_owned()];
+    let out = deliverer.deliver(&o, &message, "cap-01.sim.test", &rcpts).await;
+    assert_eq!(out.recipients.len(), 2);
+    assert_eq!(out.recipients[0].rcpt, rcpts[0]);
+    assert!(
+        matches!(&out.recipients[0].status, Status::Bounced { code, reason } if code == "5.1.3" && reason.contains("forbidden character '>'")),
+        "{out:?}"
+    );
+    assert_eq!(out.recipients[1].rcpt, rcpts[1]);
+    assert!(matches!(out.recipients[1].status, Status::Delivered { tls: Some(_), .. }), "{out:?}");
+    assert_eq!(out.tls_log, "tls=may:tls1.3,verified");
+    let accepted = fleet
+        .transcript("cap-01.sim.test")
+        .connections
+        .iter()
+        .flat_map(|c| &c.events)
+        .filter(|e| matches!(e, Event::MessageAccepted { .. }))
+        .count();
+    assert_eq!(accepted, 1);
+
+    // A sender no command can carry: every recipient bounces, nothing is sent.
+    let message = Message { mail_from: "x\r\nRSET@postwarden.test", ..message };
+    let out = deliverer.deliver(&o, &message, "cap-01.sim.test", &rcpts[1..]).await;
+    assert!(
+        matches!(&out.recipients[0].status, Status::Bounced { code, .. } if code == "5.1.7"),
+        "{out:?}"
+    );
+}
+
 /// I6: a connection is only used for a domain whose policy it satisfies. Two domains share one
 /// MX (no STARTTLS there): the opportunistic one is delivered in plaintext, the forced one must
 /// get a connection of its own that tries STARTTLS, and no MAIL, rather than riding along.

@@ -396,6 +396,59 @@ settings = { domain = { "a.example" = "verify" } }
     assert!(err.contains("policy `forced`") && err.contains("unknown field `domain`"), "{err}");
 }
 
+/// Issue 10 item 6: the host table lives outside the guest's memory caps, so it has a cap of its
+/// own. A `configure` inside its 256 MiB cap that `table-put`s 7 × 100 MiB used to leave the
+/// relay at 723 MiB RSS; now the load fails, naming the figures, and nothing is kept.
+#[test]
+fn a_policy_cannot_keep_more_than_its_table_limit_in_the_host() {
+    // Debug builds copy 700 MiB slowly; the deadline is not what this test is about.
+    let flood = broken("table-flood").replace("deadline_ms = 20", "configure_deadline_ms = 60000");
+    let err = chains::load(&flood).err().unwrap();
+    let err = err.downcast::<LoadError>().unwrap();
+    let LoadError::Configure { name, fault: PolicyFault::TableLimit { wanted, limit } } = &err
+    else {
+        panic!("expected a table-limit fault, got {err}");
+    };
+    assert_eq!((name.as_str(), *limit), ("broken", 64 << 20));
+    assert!(*wanted >= 7 * (100 << 20), "{wanted}");
+    let text = err.to_string();
+    assert!(
+        text.contains("policy `broken`")
+            && text.contains(&format!("tried to keep {wanted} bytes"))
+            && text.contains("more than its limit of 67108864 bytes (table_limit_mib)"),
+        "{text}"
+    );
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned));
+    eprintln!("after the refused load: {}", rss.unwrap_or_default());
+
+    // The limit is a setting; the same policy within it loads (and the default fits a
+    // well-behaved policy).
+    let (chain, _engine, _dir) = chains::load(&broken("fine")).unwrap();
+    assert_eq!(chain.policies().len(), 2);
+    let tight = broken("table-flood")
+        .replace("deadline_ms = 20", "configure_deadline_ms = 60000\ntable_limit_mib = 1");
+    let err = chains::load(&tight).err().unwrap().to_string();
+    assert!(err.contains("more than its limit of 1048576 bytes"), "{err}");
+
+    // What a large legitimate table costs: 100,000 forced-tls domains, well within the default.
+    let domains: Vec<String> =
+        (0..100_000).map(|i| format!("\"d{i}.example\" = \"verify\"")).collect();
+    let large = format!(
+        "[[policy]]\nname = \"forced\"\npath = \"{{wasm:forced-tls}}\"\nconfigure_deadline_ms = 60000\n\
+         table_limit_mib = 1\n[policy.settings.domains]\n{}\n",
+        domains.join("\n")
+    );
+    let err = chains::load(&large).err().unwrap().downcast::<LoadError>().unwrap();
+    let LoadError::Configure { fault: PolicyFault::TableLimit { wanted, .. }, .. } = &err else {
+        panic!("expected a table-limit fault, got {err}");
+    };
+    eprintln!("100,000 forced-tls domains: {wanted} bytes of table");
+    assert!(*wanted < 10 << 20, "{wanted}");
+    assert!(chains::load(&large.replace("table_limit_mib = 1\n", "")).is_ok());
+}
+
 #[test]
 fn wasi_is_denied_by_default() {
     let (chain, _engine, _dir) = chains::load(&broken("escape")).unwrap();

@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
 use postwarden::service::Relay;
 use postwarden_tests::{chains, sim};
 
@@ -273,4 +275,92 @@ async fn tls_required_no_relaxes_forced_tls_only_for_whom_the_operator_allows() 
         }
         relay.shutdown(Duration::from_secs(5)).await;
     }
+}
+
+/// Issue 10 item 5: `RCPT TO:<"a>b"@…>` is a legal quoted local part. The relay accepts it and
+/// must then send it on as it came, with its co-recipient in the same transaction, instead of
+/// refusing to encode it and deferring every recipient of the domain until they expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quoted_local_part_with_angle_brackets_is_delivered_with_its_co_recipient() {
+    let (fleet, _) = sim::fleet(&["CAP-01"]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, fleet.ca_pem()).unwrap();
+    let toml = format!(
+        "[[policy]]\nname = \"opportunistic\"\npath = \"{{wasm:opportunistic}}\"\n\
+         [delivery]\nhelo_name = \"relay.postwarden.test\"\nport = {port}\ndns_servers = [\"{dns}\"]\n\
+         [delivery.timeouts]\nconnect = 2\ngreeting = 2\ncommand = 2\ntls_handshake = 2\n\
+         [tls]\nwebpki_roots = false\nca_files = [\"{ca}\"]\n\
+         [queue]\ndir = \"spool\"\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\n",
+        port = fleet.port(),
+        dns = fleet.dns_addr(),
+        ca = ca.display()
+    );
+    let config = chains::config_in(&toml, dir.path()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = Relay::start(&config, listener).await.unwrap();
+
+    // Submitted over a raw socket, so that only the relay's own encoder is under test.
+    let stream = tokio::net::TcpStream::connect(relay.smtp_addr).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut codes = Vec::new();
+    for command in [
+        "",
+        "EHLO app.client.example\r\n",
+        "MAIL FROM:<sender@client.example>\r\n",
+        "RCPT TO:<\"a>b\"@cap-01.sim.test>\r\n",
+        "RCPT TO:<good@cap-01.sim.test>\r\n",
+        "DATA\r\n",
+        "From: <sender@client.example>\r\nSubject: quoted\r\n\r\nhello\r\n.\r\n",
+        "QUIT\r\n",
+    ] {
+        stream.get_mut().write_all(command.as_bytes()).await.unwrap();
+        // Read one reply (its last line has a space after the code).
+        loop {
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            assert!(!line.is_empty(), "connection closed after {codes:?}");
+            if line.as_bytes().get(3) == Some(&b' ') {
+                codes.push(line[..3].to_owned());
+                break;
+            }
+        }
+    }
+    assert_eq!(codes, ["220", "250", "250", "250", "250", "354", "250", "221"]);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.queue.recent().len() < 2 {
+        assert!(Instant::now() < deadline, "not delivered: {:?}", relay.queue.recent());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for attempted in relay.queue.recent() {
+        assert!(
+            matches!(
+                attempted.status,
+                postwarden::delivery::Status::Delivered { tls: Some(_), .. }
+            ),
+            "{attempted:?}"
+        );
+    }
+    let received: Vec<String> = fleet
+        .transcript("cap-01.sim.test")
+        .connections
+        .iter()
+        .flat_map(|c| &c.events)
+        .filter_map(|e| match e {
+            postwarden_sim::transcript::Event::Received { line, tls: true }
+                if line.starts_with("RCPT") =>
+            {
+                Some(line.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        received,
+        ["RCPT TO:<\"a>b\"@cap-01.sim.test>", "RCPT TO:<good@cap-01.sim.test>"],
+        "both recipients in one transaction, the quoted one as it came"
+    );
+    relay.shutdown(Duration::from_secs(5)).await;
 }

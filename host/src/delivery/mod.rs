@@ -153,6 +153,10 @@ enum HostResult {
     Done(Vec<RcptResult>, DeliveredVia),
     /// Try the next host or address (connection failure, greeting refused, next-mx action).
     Next { code: String, reason: String },
+    /// The policy answered `next-mx` to a TLS failure under a requirement that allows
+    /// plaintext: try the next host, and should none deliver, come back here in plaintext
+    /// (see [`Deliverer::deliver`]).
+    NextTryingTls { code: String, reason: String },
     /// Stop: every pending recipient gets this.
     Final(Status),
 }
@@ -200,7 +204,70 @@ impl Deliverer {
     }
 
     /// Delivers `message` to `rcpts`, all in `domain`, under `chain`.
+    ///
+    /// An address no SMTP command can carry (a control character, `<` or `>` outside a quoted
+    /// local part: an envelope the inbound side would refuse today) is a permanent problem of
+    /// that recipient alone: it bounces with 5.1.3 and the others are delivered without it,
+    /// rather than the encoder aborting the transaction for every recipient of the domain. A
+    /// sender no command can carry bounces every recipient (5.1.7).
     pub async fn deliver(
+        &self,
+        chain: &Chain,
+        message: &Message<'_>,
+        domain: &str,
+        rcpts: &[String],
+    ) -> DomainOutcome {
+        let unsendable = |command: crate::smtp::Command| command.encode(&mut Vec::new()).err();
+        let sender = crate::smtp::Command::Mail {
+            from: message.mail_from.to_owned(),
+            size: None,
+            body_8bit: false,
+            requiretls: false,
+        };
+        let bounce = |code: &str, reason: String| Status::Bounced { code: code.to_owned(), reason };
+        if let Some(e) = unsendable(sender) {
+            let status = bounce("5.1.7", format!("553 the sender cannot be sent: {e}"));
+            let recipients = rcpts
+                .iter()
+                .map(|r| RecipientOutcome { rcpt: r.clone(), status: status.clone() })
+                .collect();
+            return DomainOutcome { recipients, tls_log: String::new() };
+        }
+        let refused: Vec<Option<Status>> = rcpts
+            .iter()
+            .map(|to| {
+                let e = unsendable(crate::smtp::Command::Rcpt { to: to.clone() })?;
+                Some(bounce("5.1.3", format!("553 the recipient cannot be sent: {e}")))
+            })
+            .collect();
+        if refused.iter().all(Option::is_none) {
+            return self.deliver_sendable(chain, message, domain, rcpts).await;
+        }
+        let sendable: Vec<String> = rcpts
+            .iter()
+            .zip(&refused)
+            .filter(|(_, r)| r.is_none())
+            .map(|(t, _)| t.clone())
+            .collect();
+        let outcome = if sendable.is_empty() {
+            DomainOutcome { recipients: Vec::new(), tls_log: String::new() }
+        } else {
+            self.deliver_sendable(chain, message, domain, &sendable).await
+        };
+        let (mut delivered, tls_log) = (outcome.recipients.into_iter(), outcome.tls_log);
+        let recipients = rcpts
+            .iter()
+            .zip(refused)
+            .filter_map(|(rcpt, refused)| match refused {
+                Some(status) => Some(RecipientOutcome { rcpt: rcpt.clone(), status }),
+                None => delivered.next(),
+            })
+            .collect();
+        DomainOutcome { recipients, tls_log }
+    }
+
+    /// [`Deliverer::deliver`] for recipients that can all be sent.
+    async fn deliver_sendable(
         &self,
         chain: &Chain,
         message: &Message<'_>,
@@ -234,6 +301,10 @@ impl Deliverer {
         let mut other_failure = false;
         let mut requiretls_refusal = None;
         let count = u32::try_from(hosts.len()).unwrap_or(u32::MAX);
+        // Addresses passed over by `next-mx` after a TLS failure under a requirement that
+        // allows plaintext, most preferred first: the plaintext pass below.
+        let mut plaintext_later: Vec<(&MxHost, SocketAddr, Context, Plan, Requirement)> =
+            Vec::new();
         for (index, host) in hosts.iter().enumerate() {
             for &addr in &host.addrs {
                 let ctx = Context {
@@ -300,6 +371,14 @@ impl Deliverer {
                             last = (code, reason);
                         }
                     }
+                    HostResult::NextTryingTls { code, reason } => {
+                        let _ =
+                            write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);
+                        tracing::info!(domain, mx = %host.name, %addr, %code, "trying TLS at the next host: {reason}");
+                        other_failure = true;
+                        last = (code, reason);
+                        plaintext_later.push((host, addr, ctx, plan, requirement));
+                    }
                     HostResult::Final(status) => {
                         let word = match &status {
                             Status::Bounced { code, .. } => format!("bounce({code})"),
@@ -311,6 +390,51 @@ impl Deliverer {
                         outcome.tls_log = log;
                         return outcome;
                     }
+                }
+            }
+        }
+        // Every host was tried with TLS and none delivered. `next-mx` under a requirement that
+        // allows plaintext means "TLS elsewhere first", not "TLS or nothing" (that is what the
+        // forced levels are for): fall back to plaintext now, in the same attempt, at the most
+        // preferred host that was passed over for a TLS failure. A deferral would only bring
+        // the same answer later.
+        for (host, addr, ctx, plan, requirement) in &plaintext_later {
+            let attempt = Attempt {
+                chain,
+                plan,
+                ctx,
+                requirement,
+                host,
+                addr: *addr,
+                message,
+                envelope: Envelope {
+                    mail_from: message.mail_from,
+                    rcpts,
+                    size: message.body.len() as u64,
+                    eight_bit: message.body.iter().any(|b| *b >= 0x80),
+                    requiretls: message.requiretls,
+                },
+            };
+            let result = match self.open(*addr, &host.name).await {
+                Ok(client) => attempt.plaintext(client, Fallback::Reconnect).await,
+                Err(reason) => HostResult::Next { code: "4.4.1".into(), reason },
+            };
+            match result {
+                HostResult::Done(results, via) => {
+                    let word = tls_word(&via.tls, via.fallback);
+                    let _ = write!(log, "{}tls={}:{word}", sep(&log), requirement.level);
+                    return self.finish(chain, ctx, plan, host, *addr, rcpts, results, via, log);
+                }
+                HostResult::Next { code, reason } | HostResult::NextTryingTls { code, reason } => {
+                    let _ = write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);
+                    tracing::info!(domain, mx = %host.name, %addr, %code, "plaintext fallback failed: {reason}");
+                    other_failure = true;
+                    last = (code, reason);
+                }
+                HostResult::Final(status) => {
+                    let mut outcome = every(status);
+                    outcome.tls_log = log;
+                    return outcome;
                 }
             }
         }
@@ -540,10 +664,14 @@ impl Deliverer {
                     Err(reason) => HostResult::Next { code: "4.4.1".into(), reason },
                 }
             }
-            Action::NextMx => HostResult::Next {
-                code: failure.defer_code().to_owned(),
-                reason: format!("{} at {} [{}]", failure, host.name, addr.ip()),
-            },
+            Action::NextMx => {
+                let code = failure.defer_code().to_owned();
+                let reason = format!("{} at {} [{}]", failure, host.name, addr.ip());
+                match PlaintextPermit::from_plan(a.plan, a.message.requiretls) {
+                    Some(_) => HostResult::NextTryingTls { code, reason },
+                    None => HostResult::Next { code, reason },
+                }
+            }
             Action::Defer { code, reason } => HostResult::Final(Status::Deferred { code, reason }),
             Action::Bounce { code, reason } => HostResult::Final(Status::Bounced { code, reason }),
         }

@@ -377,6 +377,14 @@ fn valid_mailbox(mailbox: &str) -> bool {
     if local.is_empty() || !valid_domain(domain, false) {
         return false;
     }
+    // An address literal in a mailbox is an IP address (`[192.0.2.1]`, `[IPv6:2001:db8::1]`):
+    // anything else is refused here rather than accepted and then unsendable (the client side
+    // refuses `<` and `>` outside a quoted local part).
+    if let Some(literal) = domain.strip_prefix('[')
+        && !literal.bytes().all(|b| b.is_ascii_alphanumeric() || b"[]:.-".contains(&b))
+    {
+        return false;
+    }
     if let Some(quoted) = local.strip_prefix('"') {
         let Some(content) = quoted.strip_suffix('"') else {
             return false;
@@ -1736,6 +1744,36 @@ mod tests {
         assert_eq!(decode(b".\rx\r\n.\r\n"), (true, 8, b"\rx\r\n".to_vec()));
     }
 
+    /// Parses `line`; when it is an accepted MAIL or RCPT, encodes the address with the
+    /// client's encoder, parses that again and checks the address came back unchanged.
+    fn round_trip(line: &[u8]) -> Result<Option<String>, proptest::test_runner::TestCaseError> {
+        use crate::smtp::Command as Out;
+        let (address, out) = match parse_command(line) {
+            Ok(Command::Mail { from, .. }) => (
+                from.clone(),
+                Out::Mail { from, size: Some(10), body_8bit: false, requiretls: false },
+            ),
+            Ok(Command::Rcpt { to }) => (to.clone(), Out::Rcpt { to }),
+            _ => return Ok(None),
+        };
+        let mut wire = Vec::new();
+        let encoded = out.encode(&mut wire);
+        prop_assert!(
+            encoded.is_ok(),
+            "{:?} accepted inbound, refused outbound: {:?}",
+            address,
+            encoded
+        );
+        let again = parse_command(wire.strip_suffix(b"\r\n").unwrap_or(&wire));
+        let back = match again {
+            Ok(Command::Mail { from, .. }) => from,
+            Ok(Command::Rcpt { to }) => to,
+            other => return Err(proptest::test_runner::TestCaseError::fail(format!("{other:?}"))),
+        };
+        prop_assert_eq!(&back, &address);
+        Ok(Some(address))
+    }
+
     #[test]
     fn body_findings() {
         let found = |input: &[u8]| {
@@ -1772,6 +1810,42 @@ mod tests {
         #[test]
         fn parse_command_never_panics(line in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = parse_command(&line);
+        }
+
+        /// Issue 10 item 5: whatever address the relay accepts at MAIL or RCPT, its client
+        /// side can send on (a refusal there used to abort the whole transaction), and the
+        /// server reading what it sends gets the same address back.
+        #[test]
+        fn what_inbound_accepts_outbound_sends_unchanged(
+            verb in "(?i)(mail from:|rcpt to:) ?",
+            local in "\"[ <>@\"\\\\a-z.]{0,8}\"|[a-z.<>!#%+=\"\\\\]{1,8}",
+            domain in "[a-z0-9.-]{1,10}|\\[[0-9a-z.:<>@\\[-]{1,10}\\]",
+            tail in "[ <>@a-z]{0,4}",
+        ) {
+            round_trip(format!("{verb}<{local}@{domain}>{tail}").as_bytes())?;
+        }
+
+        /// RFC 5321 §4.1.2 quoted strings: every `Quoted-string = DQUOTE *QcontentSMTP DQUOTE`
+        /// (qtextSMTP: printable ASCII but `"` and `\`; quoted-pairSMTP: `\` and any printable
+        /// ASCII) is accepted, sent as it came, and read back the same.
+        #[test]
+        fn quoted_local_parts_round_trip(
+            content in proptest::collection::vec(
+                prop_oneof![
+                    proptest::char::range(' ', '~').prop_filter("qtext", |c| *c != '"' && *c != '\\').prop_map(String::from),
+                    proptest::char::range(' ', '~').prop_map(|c| format!("\\{c}")),
+                ],
+                0..20,
+            ),
+            sender in any::<bool>(),
+        ) {
+            let address = format!("\"{}\"@example.test", content.concat());
+            let line = match sender {
+                true => format!("MAIL FROM:<{address}>"),
+                false => format!("RCPT TO:<{address}>"),
+            };
+            let got = round_trip(line.as_bytes())?;
+            prop_assert_eq!(got, Some(address));
         }
 
         #[test]

@@ -350,11 +350,16 @@ impl Chain {
 }
 
 /// The relay's own opportunistic behaviour, for the default requirement (and for a
-/// `TLS-Required: No` relaxation): plaintext on the same connection when no handshake started,
-/// a new plaintext connection otherwise. Under a forced default: next MX, then defer.
+/// `TLS-Required: No` relaxation), the same as the bundled `opportunistic` policy's: with
+/// several MX hosts, TLS at the next one (delivery falls back to plaintext at the most
+/// preferred once every host failed TLS); with one, plaintext on the same connection when no
+/// handshake started, a new plaintext connection otherwise. Under a forced default: next MX,
+/// then defer.
 pub fn builtin_on_failure(requirement: &Requirement, ctx: &Context, failure: &Failure) -> Action {
     if !requirement.level.is_forced() {
-        return if failure.allows_continue_plaintext() {
+        return if ctx.mx_count > 1 {
+            Action::NextMx
+        } else if failure.allows_continue_plaintext() {
             Action::ContinuePlaintext
         } else {
             Action::ReconnectPlaintext

@@ -97,6 +97,14 @@ pub enum LoadError {
         /// The fault.
         fault: PolicyFault,
     },
+    /// A decision cannot run under the decision limits (`policy check`).
+    #[error("policy `{name}`: a decision {fault}")]
+    Decision {
+        /// Policy name.
+        name: String,
+        /// The fault.
+        fault: PolicyFault,
+    },
     /// The engine could not be built.
     #[error("policy engine: {0}")]
     Engine(String),
@@ -244,6 +252,32 @@ impl PolicyEngine {
     /// Compiles (or loads from cache) and checks a component without configuring it.
     pub fn check(&self, name: &str, bytes: &[u8]) -> Result<ComponentInfo, LoadError> {
         self.prepare(name, bytes).map(|(_, info)| info)
+    }
+
+    /// Instantiates the component once as a decision would, under the decision limits of
+    /// `limits`, without configuring it: a component whose initial memory (its data segments)
+    /// exceeds the decision memory cap loads and configures, yet every decision faults.
+    /// `policy check` calls this so that such a policy fails the check, not every delivery.
+    pub fn check_decision_instance(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        limits: Limits,
+    ) -> Result<(), LoadError> {
+        let (pre, info) = self.prepare(name, bytes)?;
+        let parts = Parts {
+            name: Arc::from(name),
+            exports: pre,
+            needs_wasi: info.imports_wasi,
+            engine: self.runtime(bytes.len())?.engine.clone(),
+            limits,
+            kv: Arc::new(super::kv::MemoryKv::default()),
+            sha256: info.sha256,
+            gate: self.gate.clone(),
+        };
+        LoadedPolicy::unconfigured(parts)
+            .instantiate_only()
+            .map_err(|fault| LoadError::Decision { name: name.to_owned(), fault })
     }
 
     /// Loads a policy: compile or load from cache, check the contract, pre-instantiate, and run

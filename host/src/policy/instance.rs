@@ -28,6 +28,9 @@ const MAX_LOG_LINE: usize = 1024;
 const MAX_STDIO: usize = 16 * 1024;
 /// Table entries a policy may create in `configure`.
 const MAX_TABLE_ENTRIES: usize = 2_000_000;
+/// What one table entry costs the host beyond its key and value bytes (two `String` headers
+/// and the hash map's slot, rounded up), counted against [`Limits::table_bytes`].
+pub const TABLE_ENTRY_OVERHEAD: usize = 64;
 
 /// Resource limits applied to every call into a policy.
 ///
@@ -45,6 +48,11 @@ pub struct Limits {
     pub configure_deadline: Duration,
     /// Largest linear memory during `configure`, in bytes.
     pub configure_memory: usize,
+    /// Most host memory the policy's table may hold, in bytes: keys, values and
+    /// [`TABLE_ENTRY_OVERHEAD`] per entry. The table lives in the relay, outside the guest's
+    /// memory cap, for as long as the policy is loaded; a `configure` that tries to keep more
+    /// fails the load.
+    pub table_bytes: usize,
 }
 
 impl Default for Limits {
@@ -54,6 +62,7 @@ impl Default for Limits {
             memory: 16 << 20,
             configure_deadline: Duration::from_secs(1),
             configure_memory: 256 << 20,
+            table_bytes: 64 << 20,
         }
     }
 }
@@ -82,6 +91,17 @@ pub enum PolicyFault {
     /// `configure` rejected the settings.
     #[error("rejected its settings: {0}")]
     Configure(String),
+    /// `configure` tried to keep more in the host table than the policy's limit.
+    #[error(
+        "tried to keep {wanted} bytes in its host table (`table-put`), more than its limit of \
+         {limit} bytes (table_limit_mib)"
+    )]
+    TableLimit {
+        /// The bytes the table would have held with every write kept.
+        wanted: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl PolicyFault {
@@ -93,6 +113,7 @@ impl PolicyFault {
             PolicyFault::MemoryLimit(_) => "memory",
             PolicyFault::Invalid(_) => "invalid",
             PolicyFault::Configure(_) => "configure",
+            PolicyFault::TableLimit { .. } => "table",
         }
     }
 }
@@ -145,7 +166,24 @@ pub(super) struct Parts {
 impl LoadedPolicy {
     /// Runs `configure` with `settings` (JSON) and returns the configured policy.
     pub(super) fn configure(parts: Parts, settings: &str) -> Result<Self, PolicyFault> {
-        let mut policy = LoadedPolicy {
+        let mut policy = Self::unconfigured(parts);
+        let settings = settings.to_owned();
+        let (result, state) =
+            policy.call(true, |exports, store| exports.configure(store, &settings));
+        let result = result?;
+        result.map_err(PolicyFault::Configure)?;
+        if state.table_refused > 0 {
+            let wanted = state.table_bytes.saturating_add(state.table_refused);
+            return Err(PolicyFault::TableLimit { wanted, limit: policy.limits.table_bytes });
+        }
+        policy.table = Arc::new(state.table_writes.unwrap_or_default());
+        Ok(policy)
+    }
+
+    /// The policy before `configure`, with an empty table: for checks that need no settings,
+    /// such as whether a decision's instance fits the decision limits at all.
+    pub(super) fn unconfigured(parts: Parts) -> Self {
+        LoadedPolicy {
             name: parts.name,
             exports: parts.exports,
             needs_wasi: parts.needs_wasi,
@@ -156,14 +194,7 @@ impl LoadedPolicy {
             stats: Arc::default(),
             sha256: parts.sha256,
             gate: parts.gate,
-        };
-        let settings = settings.to_owned();
-        let (result, state) =
-            policy.call(true, |exports, store| exports.configure(store, &settings));
-        let result = result?;
-        result.map_err(PolicyFault::Configure)?;
-        policy.table = Arc::new(state.table_writes.unwrap_or_default());
-        Ok(policy)
+        }
     }
 
     /// The policy's name from the relay config.
@@ -208,7 +239,8 @@ impl LoadedPolicy {
         (result, state.logs)
     }
 
-    /// Instantiates in a fresh store and drops it, without calling anything (benchmarks).
+    /// Instantiates in a fresh store and drops it, without calling anything (benchmarks, and
+    /// `policy check`: does a decision instance fit the decision limits at all).
     #[doc(hidden)]
     pub fn instantiate_only(&self) -> Result<(), PolicyFault> {
         self.call(false, |exports, store| exports.instantiate(store)).0
@@ -275,6 +307,9 @@ impl LoadedPolicy {
             name: self.name.clone(),
             table: self.table.clone(),
             table_writes: configuring.then(HashMap::new),
+            table_bytes: 0,
+            table_limit: self.limits.table_bytes,
+            table_refused: 0,
             kv: self.kv.clone(),
             logs: Vec::new(),
             limiter: Limiter { max_memory, exceeded: false },
@@ -388,6 +423,11 @@ pub(crate) struct StoreState {
     name: Arc<str>,
     pub(super) table: Arc<HashMap<String, String>>,
     table_writes: Option<HashMap<String, String>>,
+    /// Bytes `table_writes` holds, counted as [`Limits::table_bytes`] says.
+    table_bytes: usize,
+    table_limit: usize,
+    /// Bytes of the writes refused because the table would have exceeded `table_limit`.
+    table_refused: usize,
     pub(super) kv: Arc<dyn KvStore>,
     logs: Vec<String>,
     limiter: Limiter,
@@ -422,8 +462,19 @@ impl StoreState {
     }
 
     pub(super) fn table_put(&mut self, key: String, value: String) {
+        let cost = |k: &str, v: &str| k.len() + v.len() + TABLE_ENTRY_OVERHEAD;
         match &mut self.table_writes {
             Some(table) if table.len() < MAX_TABLE_ENTRIES || table.contains_key(&key) => {
+                let new = cost(&key, &value);
+                let old = table.get(&key).map_or(0, |v| cost(&key, v));
+                let total = (self.table_bytes - old).saturating_add(new);
+                if total > self.table_limit {
+                    // Refused, not stored: the host never holds more than the limit. The load
+                    // then fails with the figure (see `configure`).
+                    self.table_refused = self.table_refused.saturating_add(new);
+                    return;
+                }
+                self.table_bytes = total;
                 table.insert(key, value);
             }
             Some(_) => self.log(tracing::Level::WARN, "table-put dropped: table full".into()),

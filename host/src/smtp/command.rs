@@ -6,8 +6,9 @@
 //! Every argument comes from somewhere an attacker can reach (a queued envelope, a policy, a
 //! configured host name), so each is checked before a byte is appended: a CR or LF in an
 //! address would let it smuggle a second command into the session, and `<` or `>` would let it
-//! close the path and add parameters. Rejection is a typed error, never a panic, and leaves the
-//! buffer as it was.
+//! close the path and add parameters, except inside a well-formed quoted local part
+//! (`"a>b"@example.org`, RFC 5321 §4.1.2), where they are data and the relay accepted them
+//! inbound. Rejection is a typed error, never a panic, and leaves the buffer as it was.
 
 /// Longest reverse-path or forward-path, angle brackets included (RFC 5321 §4.5.3.1.3), so an
 /// address between the brackets may have at most 254 octets.
@@ -135,21 +136,45 @@ fn check_domain(domain: &str) -> Result<(), CommandError> {
 }
 
 /// Checks an address for a path. Non-ASCII is allowed (SMTPUTF8 addresses); whether the server
-/// accepts it is the session's concern. `<` and `>` are refused even though a quoted local part
-/// may legally hold them, because they are the way to break out of the path.
+/// accepts it is the session's concern. `<` and `>` are the way to break out of the path, so
+/// they are refused everywhere but inside a quoted local part that is well formed (RFC 5321
+/// §4.1.2: `Quoted-string = DQUOTE *QcontentSMTP DQUOTE`, a backslash quoting the next
+/// character, then `@`): there a server that parses the path by the RFC reads them as data,
+/// and refusing them would strand a recipient the relay already accepted.
 fn check_path(address: &str, argument: Argument) -> Result<(), CommandError> {
     if address.len() + 2 > MAX_PATH_LEN {
         return Err(CommandError::TooLong { argument, len: address.len() + 2, max: MAX_PATH_LEN });
     }
+    let quoted = quoted_local_part_len(address);
     for (offset, ch) in address.char_indices() {
         if ch.is_control() {
             return Err(CommandError::ControlChar { argument, offset, ch });
         }
-        if ch == '<' || ch == '>' {
+        if (ch == '<' || ch == '>') && offset >= quoted {
             return Err(CommandError::ForbiddenChar { argument, offset, ch });
         }
     }
     Ok(())
+}
+
+/// The length of the address's quoted local part, closing quote included, when the address
+/// starts with one that is well formed and followed by `@`; 0 otherwise.
+fn quoted_local_part_len(address: &str) -> usize {
+    let bytes = address.as_bytes();
+    if bytes.first() != Some(&b'"') {
+        return 0;
+    }
+    let mut i = 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            // A quoted pair: the next byte is data, whatever it is (control characters are
+            // refused by the caller anyway).
+            b'\\' => i += 2,
+            b'"' => return if bytes.get(i + 1) == Some(&b'@') { i + 1 } else { 0 },
+            _ => i += 1,
+        }
+    }
+    0
 }
 
 /// Which argument of a command was refused.
@@ -266,6 +291,9 @@ mod tests {
             ),
             (rcpt("b@example.net"), "RCPT TO:<b@example.net>\r\n"),
             (rcpt("\"john doe\"@example.net"), "RCPT TO:<\"john doe\"@example.net>\r\n"),
+            (rcpt("\"a>b\"@example.test"), "RCPT TO:<\"a>b\"@example.test>\r\n"),
+            (rcpt("\"<a\\\">\"@example.test"), "RCPT TO:<\"<a\\\">\"@example.test>\r\n"),
+            (mail("\"x<y\"@example.org"), "MAIL FROM:<\"x<y\"@example.org>\r\n"),
             (rcpt("Postmaster"), "RCPT TO:<Postmaster>\r\n"),
             (rcpt("j\u{f6}rg@b\u{fc}cher.example"), "RCPT TO:<j\u{f6}rg@b\u{fc}cher.example>\r\n"),
             (Command::Data, "DATA\r\n"),
@@ -304,6 +332,13 @@ mod tests {
             (mail("a@b> SIZE=1"), ForbiddenChar { argument: Sender, offset: 3, ch: '>' }),
             (rcpt("x@y\r\nQUIT"), ControlChar { argument: Recipient, offset: 3, ch: '\r' }),
             (rcpt("<x@y>"), ForbiddenChar { argument: Recipient, offset: 0, ch: '<' }),
+            // Only a well-formed quoted local part shelters `<` and `>`.
+            (rcpt("\"a\"@b>"), ForbiddenChar { argument: Recipient, offset: 5, ch: '>' }),
+            (rcpt("\"a>b@c"), ForbiddenChar { argument: Recipient, offset: 2, ch: '>' }),
+            (rcpt("\"a>\"b@c"), ForbiddenChar { argument: Recipient, offset: 2, ch: '>' }),
+            (rcpt("\"a\\\">b@c"), ForbiddenChar { argument: Recipient, offset: 4, ch: '>' }),
+            (rcpt("x\"a>b\"@c"), ForbiddenChar { argument: Recipient, offset: 3, ch: '>' }),
+            (mail("\"a>\"@b> NOTIFY=NEVER"), ForbiddenChar { argument: Sender, offset: 6, ch: '>' }),
             (rcpt(""), Empty { argument: Recipient }),
             (Command::Ehlo("r.example\r\nMAIL FROM:<>".into()), ControlChar { argument: Domain, offset: 9, ch: '\r' }),
             (Command::Ehlo("r.example AUTH".into()), ForbiddenChar { argument: Domain, offset: 9, ch: ' ' }),
