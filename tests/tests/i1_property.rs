@@ -15,8 +15,7 @@
 use std::sync::OnceLock;
 
 use postwarden::policy::{
-    Action, Chain, Context, DeliveryReport, Failure, PolicyEngine, Requirement, TlsLevel,
-    TlsVersion, Verdict,
+    Action, Chain, Context, DeliveryReport, Failure, PolicyEngine, TlsLevel, TlsVersion, Verdict,
 };
 use postwarden_tests::chains;
 use proptest::prelude::*;
