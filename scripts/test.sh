@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test from a fresh clone: installs the wasm targets and the Python and
 # JavaScript policy toolchains, builds the policies to wasm components, then formatting, lints
-# and the whole test suite.
+# and the whole test suite, after a short run of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,5 +12,9 @@ cargo build --locked --profile policy --target wasm32-unknown-unknown \
     -p opportunistic -p forced-tls -p postfix-map -p tofu -p partner
 cargo build --locked --profile policy --target wasm32-wasip2 -p broken-policy
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
+# Every fuzz target for 20 s (fuzz/, its own workspace, built with coverage instrumentation);
+# a crash fails the run.
+./scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 cargo test --locked --workspace

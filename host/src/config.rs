@@ -536,7 +536,33 @@ impl Default for TimeoutsConfig {
     }
 }
 
+/// The longest timeout accepted, in seconds (a day): far beyond any RFC 5321 value, and
+/// small enough for any clock arithmetic.
+const MAX_TIMEOUT_SECS: f64 = 86_400.0;
+
 impl TimeoutsConfig {
+    /// Refuses what cannot become a `Duration`: `inf`, `nan` and numbers such as `1e300` are
+    /// valid TOML floats, and turning them into one panicked (found by fuzzing, fuzz/config).
+    fn validate(&self) -> Result<(), String> {
+        let all = [
+            ("connect", self.connect),
+            ("greeting", self.greeting),
+            ("command", self.command),
+            ("tls_handshake", self.tls_handshake),
+            ("data_init", self.data_init),
+            ("data_block", self.data_block),
+            ("final_dot", self.final_dot),
+        ];
+        for (key, secs) in all {
+            if !secs.is_finite() || secs > MAX_TIMEOUT_SECS {
+                return Err(format!(
+                    "delivery.timeouts.{key}: must be a number of seconds up to {MAX_TIMEOUT_SECS}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// As the delivery engine's type.
     pub fn to_timeouts(&self) -> crate::delivery::client::Timeouts {
         let d = |secs: f64| Duration::from_secs_f64(secs.max(0.001));
@@ -934,6 +960,7 @@ impl Config {
                 .to_owned());
         }
         self.delivery.parsed_routes()?;
+        self.delivery.timeouts.validate()?;
         if self.policy_engine.max_concurrent_calls == 0 {
             return Err("policy_engine.max_concurrent_calls: must be at least 1".to_owned());
         }
@@ -1145,6 +1172,20 @@ mod tests {
             .options("x")
             .unwrap_err();
         assert!(err.contains("tls_cert and inbound.tls_key go together"), "{err}");
+    }
+
+    /// Fuzzing found `connect = inf` accepted, then a panic when the delivery engine was
+    /// built from it (`Duration::from_secs_f64`). Regression test for fuzz/config.
+    #[test]
+    fn timeouts_that_are_not_durations_are_refused() {
+        for value in ["inf", "-inf", "nan", "1e300", "86401"] {
+            let text = format!("[delivery.timeouts]\nfinal_dot = {value}\n");
+            let err = Config::parse(&text, Path::new("relay.toml")).unwrap_err().to_string();
+            assert!(err.contains("delivery.timeouts.final_dot: must be"), "{value}: {err}");
+        }
+        let text = "[delivery.timeouts]\nconnect = 86400\ncommand = 0.5\n";
+        let config = Config::parse(text, Path::new("relay.toml")).unwrap();
+        assert_eq!(config.delivery.timeouts.to_timeouts().connect, Duration::from_secs(86_400));
     }
 
     #[test]

@@ -398,7 +398,11 @@ fn requiretls_override(
     }
 }
 
-fn validate_requirement(requirement: &Requirement) -> Result<(), String> {
+/// Checks a requirement a policy returned from `plan` before the relay acts on it.
+///
+/// Public for the fuzz targets only (fuzz/), which feed it arbitrary guest values.
+#[doc(hidden)]
+pub fn validate_requirement(requirement: &Requirement) -> Result<(), String> {
     if requirement.match_names.len() > 64 {
         return Err(format!("{} match names (at most 64)", requirement.match_names.len()));
     }
@@ -416,7 +420,11 @@ fn validate_requirement(requirement: &Requirement) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_action(
+/// Checks an action a policy returned from `on-failure` under `requirement`.
+///
+/// Public for the fuzz targets only (fuzz/), which feed it arbitrary guest values.
+#[doc(hidden)]
+pub fn validate_action(
     action: &Action,
     requirement: &Requirement,
     failure: &Failure,
