@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`wasm`]: the bundled policies and test fixtures, built to wasm components on demand.
 //! - [`polyglot`]: policies in Python, JavaScript and WAT, built with their own toolchains.
+//! - [`sink`]: a plaintext SMTP destination that records what arrives.
 
 pub mod chains;
 pub mod polyglot;
 pub mod sim;
+pub mod sink;
 pub mod wasm;

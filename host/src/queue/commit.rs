@@ -14,14 +14,22 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use super::store::{Envelope, QueueStore, StoreError};
+use super::store::{BodySource, Envelope, QueueStore, StagedBody, StoreError};
 
 /// Most messages written in one batch.
 const MAX_BATCH: usize = 256;
 
+/// A new message's body: in memory, or already staged on disk.
+pub enum Body {
+    /// In memory.
+    Bytes(Vec<u8>),
+    /// Written to the store's staging area as it arrived.
+    Staged(StagedBody),
+}
+
 struct Request {
     envelope: Envelope,
-    body: Vec<u8>,
+    body: Body,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -41,7 +49,7 @@ impl Committer {
     }
 
     /// Stores `envelope` and `body` durably; returns once they are on disk.
-    pub async fn insert(&self, envelope: Envelope, body: Vec<u8>) -> Result<(), StoreError> {
+    pub async fn insert(&self, envelope: Envelope, body: Body) -> Result<(), StoreError> {
         let (done, answer) = oneshot::channel();
         self.requests
             .send(Request { envelope, body, done })
@@ -62,8 +70,16 @@ fn run(store: &dyn QueueStore, incoming: &mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        let items: Vec<(&Envelope, &[u8])> =
-            batch.iter().map(|r| (&r.envelope, r.body.as_slice())).collect();
+        let items: Vec<(&Envelope, BodySource<'_>)> = batch
+            .iter()
+            .map(|r| {
+                let body = match &r.body {
+                    Body::Bytes(bytes) => BodySource::Bytes(bytes),
+                    Body::Staged(staged) => BodySource::Staged(staged),
+                };
+                (&r.envelope, body)
+            })
+            .collect();
         let results = store.insert_batch(&items);
         drop(items);
         for (request, result) in batch.drain(..).zip(results) {
@@ -105,7 +121,9 @@ mod tests {
                     body_len: None,
                     body_sha256: None,
                 };
-                committer.insert(envelope.clone(), format!("body {n}").into_bytes()).await?;
+                committer
+                    .insert(envelope.clone(), Body::Bytes(format!("body {n}").into_bytes()))
+                    .await?;
                 Ok::<_, StoreError>(envelope)
             });
         }

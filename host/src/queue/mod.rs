@@ -208,8 +208,41 @@ impl Queue {
         let (envelope, body) = Self::envelope(message);
         let id = envelope.id.clone();
         match &self.committer {
-            Some(committer) => committer.insert(envelope, body).await?,
+            Some(committer) => committer.insert(envelope, commit::Body::Bytes(body)).await?,
             None => self.blocking(move |store| store.insert(&envelope, &body)).await?,
+        }
+        Ok(self.accepted(id))
+    }
+
+    /// A writer for a body to be streamed to the spool as it arrives (DATA); blocking file
+    /// writes. Finish it and pass it to [`Queue::accept_staged`].
+    pub fn body_writer(&self) -> Result<store::BodyWriter, StoreError> {
+        self.store.body_writer()
+    }
+
+    /// As [`Queue::accept_durably`], for a body already on disk (`message.body` is ignored):
+    /// its length and checksum are the ones computed while it was written.
+    pub async fn accept_staged(
+        &self,
+        mut message: NewMessage,
+        body: store::StagedBody,
+    ) -> Result<String, StoreError> {
+        message.body = Vec::new();
+        let (mut envelope, _) = Self::envelope(message);
+        envelope.body_len = Some(body.len());
+        envelope.body_sha256 = Some(body.sha256().to_owned());
+        let id = envelope.id.clone();
+        match &self.committer {
+            Some(committer) => committer.insert(envelope, commit::Body::Staged(body)).await?,
+            None => {
+                self.blocking(move |store| {
+                    store
+                        .insert_batch(&[(&envelope, store::BodySource::Staged(&body))])
+                        .pop()
+                        .unwrap_or(Ok(()))
+                })
+                .await?
+            }
         }
         Ok(self.accepted(id))
     }

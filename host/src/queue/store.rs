@@ -186,15 +186,93 @@ pub enum StoreError {
     },
 }
 
+/// A new message's body, for [`QueueStore::insert_batch`].
+#[derive(Clone, Copy, Debug)]
+pub enum BodySource<'a> {
+    /// In memory.
+    Bytes(&'a [u8]),
+    /// Already written to the store's staging area (see [`QueueStore::body_writer`]).
+    Staged(&'a StagedBody),
+}
+
+/// A body being written into the spool's `tmp/` as it arrives (DATA streamed to disk rather
+/// than held in memory); its length and SHA-256 are computed on the way. Dropped unfinished,
+/// the file is removed.
+#[derive(Debug)]
+pub struct BodyWriter {
+    file: NamedTempFile,
+    len: u64,
+    hasher: Sha256,
+}
+
+impl BodyWriter {
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.file.write_all(bytes).map_err(io(self.file.path()))?;
+        self.len += bytes.len() as u64;
+        self.hasher.update(bytes);
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Flushes the file to disk (fsync): the body can now be accepted.
+    pub fn finish(self) -> Result<StagedBody, StoreError> {
+        self.file.as_file().sync_all().map_err(io(self.file.path()))?;
+        Ok(StagedBody {
+            path: self.file.into_temp_path(),
+            len: self.len,
+            sha256: hex::encode(self.hasher.finalize()),
+        })
+    }
+}
+
+/// A body on disk in `tmp/`, fsync'd, waiting to be accepted. Dropped without being accepted,
+/// the file is removed.
+#[derive(Debug)]
+pub struct StagedBody {
+    path: tempfile::TempPath,
+    len: u64,
+    sha256: String,
+}
+
+impl StagedBody {
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its SHA-256, lowercase hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+}
+
 /// A durable message store.
 pub trait QueueStore: Send + Sync {
     /// Stores a new message; returns only once it is durable.
-    fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError>;
+    fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError> {
+        self.insert_batch(&[(envelope, BodySource::Bytes(body))]).pop().unwrap_or(Ok(()))
+    }
     /// Stores several new messages, one result each, in order; returns only once those that
     /// succeeded are durable. A store may share its syncs between them (group commit).
-    fn insert_batch(&self, items: &[(&Envelope, &[u8])]) -> Vec<Result<(), StoreError>> {
-        items.iter().map(|(envelope, body)| self.insert(envelope, body)).collect()
-    }
+    fn insert_batch(&self, items: &[(&Envelope, BodySource<'_>)]) -> Vec<Result<(), StoreError>>;
+    /// A writer for a new body, staged in the store as it arrives; accept it with
+    /// [`BodySource::Staged`].
+    fn body_writer(&self) -> Result<BodyWriter, StoreError>;
     /// Rewrites a message's envelope atomically.
     fn update(&self, envelope: &Envelope) -> Result<(), StoreError>;
     /// Reads a message's body.
@@ -326,6 +404,18 @@ impl SpoolDir {
         Ok(tmp)
     }
 
+    /// Stages one new message's files (the body unless already staged, and the envelope).
+    fn stage_one<'a>(
+        &self,
+        (envelope, body): &(&Envelope, BodySource<'a>),
+    ) -> Result<(Ready<'a>, NamedTempFile), StoreError> {
+        let body = match body {
+            BodySource::Bytes(bytes) => Ready::Temp(self.stage(bytes)?),
+            BodySource::Staged(staged) => Ready::Staged(staged),
+        };
+        Ok((body, self.stage(&envelope_json(envelope))?))
+    }
+
     fn sync_dir(&self, dir: &Path) -> Result<(), StoreError> {
         File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
     }
@@ -358,9 +448,17 @@ fn shared(e: &StoreError) -> StoreError {
     }
 }
 
+/// A body ready to be renamed into `msg/`.
+enum Ready<'a> {
+    Temp(NamedTempFile),
+    Staged(&'a StagedBody),
+}
+
 impl QueueStore for SpoolDir {
-    fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError> {
-        self.insert_batch(&[(envelope, body)]).pop().unwrap_or(Ok(()))
+    fn body_writer(&self) -> Result<BodyWriter, StoreError> {
+        let tmp_dir = self.root.join("tmp");
+        let file = NamedTempFile::new_in(&tmp_dir).map_err(io(&tmp_dir))?;
+        Ok(BodyWriter { file, len: 0, hasher: Sha256::new() })
     }
 
     /// Every file of the batch is written and fsync'd in `tmp/`; then the bodies are renamed
@@ -368,13 +466,14 @@ impl QueueStore for SpoolDir {
     /// `env/` once. A message exists when its envelope is in `env/`, so a crash anywhere
     /// leaves each message either whole or absent (bodies without envelope are removed at
     /// start), as with single inserts, at 2n + 2 fsyncs instead of 4n.
-    fn insert_batch(&self, items: &[(&Envelope, &[u8])]) -> Vec<Result<(), StoreError>> {
-        let stage_one = |(envelope, body): &(&Envelope, &[u8])| {
-            Ok((self.stage(body)?, self.stage(&envelope_json(envelope))?))
-        };
+    fn insert_batch<'a>(
+        &self,
+        items: &[(&Envelope, BodySource<'a>)],
+    ) -> Vec<Result<(), StoreError>> {
+        let stage_one = |item: &(&Envelope, BodySource<'a>)| self.stage_one(item);
         // The file fsyncs overlap (one thread per file, up to STAGING_THREADS): a device
         // flushes concurrent writes together, and a batch waits for its slowest file only.
-        let staged: Vec<Result<(NamedTempFile, NamedTempFile), StoreError>> = if items.len() < 2 {
+        let staged: Vec<Result<(Ready<'a>, NamedTempFile), StoreError>> = if items.len() < 2 {
             items.iter().map(stage_one).collect()
         } else {
             let per_thread = items.len().div_ceil(STAGING_THREADS);
@@ -405,7 +504,12 @@ impl QueueStore for SpoolDir {
             .zip(staged)
             .map(|((envelope, _), staged)| {
                 let (body, env) = staged?;
-                persist(body, &self.msg_path(&envelope.id))?;
+                let target = self.msg_path(&envelope.id);
+                match body {
+                    Ready::Temp(tmp) => persist(tmp, &target)?,
+                    Ready::Staged(staged) => fs::rename(&staged.path, &target)
+                        .map_err(|source| StoreError::Io { path: target, source })?,
+                }
                 Ok(env)
             })
             .collect();
@@ -602,8 +706,8 @@ mod tests {
         envs[7].id = "no/such/dir".to_owned();
         let bodies: Vec<Vec<u8>> =
             (0..40).map(|n| format!("Subject: {n}\r\n\r\nbody\r\n").into_bytes()).collect();
-        let items: Vec<(&Envelope, &[u8])> =
-            envs.iter().zip(&bodies).map(|(e, b)| (e, b.as_slice())).collect();
+        let items: Vec<(&Envelope, BodySource<'_>)> =
+            envs.iter().zip(&bodies).map(|(e, b)| (e, BodySource::Bytes(b))).collect();
         let results = spool.insert_batch(&items);
         assert_eq!(results.len(), 40);
         assert!(matches!(results[7], Err(StoreError::Io { .. })), "{:?}", results[7]);
@@ -616,6 +720,50 @@ mod tests {
             assert_eq!(spool.body(&e.id).unwrap(), bodies[n]);
             assert_eq!(&spool.envelope(&e.id).unwrap(), e);
         }
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn one_owner_at_a_time_and_inspection_takes_no_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = SpoolDir::open(dir.path()).unwrap();
+        assert!(matches!(SpoolDir::open(dir.path()), Err(StoreError::Locked { .. })));
+        assert!(matches!(SpoolDir::open_offline(dir.path()), Err(StoreError::Locked { .. })));
+        assert!(SpoolDir::inspect(dir.path()).list().unwrap().is_empty());
+        drop(owner);
+        let offline = SpoolDir::open_offline(dir.path()).unwrap();
+        assert!(matches!(SpoolDir::open(dir.path()), Err(StoreError::Locked { .. })));
+        drop(offline);
+        SpoolDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_body_streamed_to_disk_is_accepted_with_its_length_and_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SpoolDir::open(dir.path()).unwrap();
+        let mut writer = spool.body_writer().unwrap();
+        for chunk in [&b"Subject: big\r\n\r\n"[..], b"line one\r\n", b"line two\r\n"] {
+            writer.write(chunk).unwrap();
+        }
+        let staged = writer.finish().unwrap();
+        let whole = b"Subject: big\r\n\r\nline one\r\nline two\r\n";
+        let mut env = envelope(&SpoolDir::new_id());
+        env.body_len = Some(staged.len());
+        env.body_sha256 = Some(staged.sha256().to_owned());
+        let mut sealed = env.clone();
+        sealed.seal(whole);
+        assert_eq!(env, sealed, "the same record as for a body accepted from memory");
+        let results = spool.insert_batch(&[(&env, BodySource::Staged(&staged))]);
+        assert!(results[0].is_ok(), "{results:?}");
+        drop(staged);
+        assert_eq!(spool.body(&env.id).unwrap(), whole);
+        assert_eq!(spool.envelope(&env.id).unwrap().check_body(whole), Ok(()));
+        assert!(spool.envelope(&env.id).unwrap().check_body(&whole[..10]).is_err());
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // Abandoned (the client went away mid-DATA): nothing is left behind.
+        let mut writer = spool.body_writer().unwrap();
+        writer.write(b"half").unwrap();
+        drop(writer);
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
