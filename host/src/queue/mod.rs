@@ -290,12 +290,14 @@ impl Queue {
     /// of it is under way (it is rescheduled when that ends). Blocking: call it off the async
     /// workers.
     pub fn retry(&self, id: &str) -> Result<bool, StoreError> {
-        let Some(_claim) = self.claim(id) else { return Ok(false) };
+        let Some(claim) = self.claim(id) else { return Ok(false) };
         let mut envelope = self.store.envelope(id)?;
         if envelope.next_attempt != 0 {
             envelope.next_attempt = 0;
             self.store.update(&envelope)?;
         }
+        // Released first: the scheduler skips a claimed message it takes from the schedule.
+        drop(claim);
         self.reschedule(id, 0);
         Ok(true)
     }
@@ -332,7 +334,6 @@ impl Queue {
     ) {
         let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut in_flight = tokio::task::JoinSet::new();
-        let busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
         let mut next_scan = tokio::time::Instant::now();
         loop {
             if *shutdown.borrow() {
@@ -345,16 +346,15 @@ impl Queue {
             let t = now();
             loop {
                 let Some(id) = lock(&self.schedule).pop_due(t) else { break };
-                // A message being delivered is rescheduled by its own task when it finishes.
-                if !lock(&busy).insert(id.clone()) {
+                // A message being delivered (claimed) is rescheduled by its own task when it
+                // finishes; `deliver_due` skips it.
+                if lock(&self.claims).contains(&id) {
                     continue;
                 }
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                let (queue, deliverer, chains, busy) =
-                    (self.clone(), deliverer.clone(), chains.clone(), busy.clone());
+                let (queue, deliverer, chains) = (self.clone(), deliverer.clone(), chains.clone());
                 in_flight.spawn(async move {
                     queue.deliver_due(&id, &deliverer, &chains).await;
-                    lock(&busy).remove(&id);
                     drop(permit);
                 });
             }
