@@ -214,7 +214,9 @@ fn queue_commands_beside_a_loaded_relay_lose_and_resurrect_nothing() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let drained = loop {
         let list = stdout(&queue(&config, &["list"]));
-        if list.trim_end().ends_with("\n0 messages, 0 quarantined") || list.trim_end() == "0 messages, 0 quarantined" {
+        if list.trim_end().ends_with("\n0 messages, 0 quarantined")
+            || list.trim_end() == "0 messages, 0 quarantined"
+        {
             break true;
         }
         if Instant::now() > deadline {

@@ -247,10 +247,8 @@ async fn handle(stream: UnixStream, owner: Option<u32>, queue: Arc<Queue>) -> st
         Response { ok: false, output: format!("uid {peer} may not control this relay\n") }
     } else {
         let mut line = String::new();
-        let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(
-            read,
-            MAX_REQUEST as u64,
-        ));
+        let mut reader =
+            tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST as u64));
         tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
             .await
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;

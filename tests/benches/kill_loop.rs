@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 use postwarden_tests::sink::Sink;
 use postwarden_tests::wasm;
 
+/// (subject, recipients) of the messages acknowledged so far.
+type Acked = Mutex<Vec<(String, Vec<String>)>>;
+
 fn knob(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -41,8 +44,8 @@ fn main() {
     println!("relay under test: {}", bin.display());
     println!("{runs} runs, kill -9 after {per_run} acknowledged, {clients} clients");
 
-    // (subject, recipient) pairs acknowledged with 250.
-    let acked: Arc<Mutex<Vec<(String, Vec<String>)>>> = Arc::default();
+    // (subject, recipients) of every message acknowledged with 250.
+    let acked: Arc<Acked> = Arc::default();
     let counter = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     for run in 1..=runs {
@@ -101,10 +104,8 @@ fn main() {
             *copies.entry((subject.clone(), r)).or_default() += 1;
         }
     }
-    let acked_pairs: HashSet<(String, String)> = acked
-        .iter()
-        .flat_map(|(s, rs)| rs.iter().map(move |r| (s.clone(), r.clone())))
-        .collect();
+    let acked_pairs: HashSet<(String, String)> =
+        acked.iter().flat_map(|(s, rs)| rs.iter().map(move |r| (s.clone(), r.clone()))).collect();
     let lost: Vec<_> = acked_pairs.iter().filter(|p| !copies.contains_key(*p)).collect();
     let duplicates: usize = copies.values().map(|c| c - 1).sum();
     let duplicated_messages = copies.values().filter(|c| **c > 1).count();
@@ -182,12 +183,7 @@ fn release_relay() -> PathBuf {
 }
 
 /// Submits messages on one connection until it breaks (the kill) or `stop`.
-fn submit_until_broken(
-    addr: SocketAddr,
-    acked: &Mutex<Vec<(String, Vec<String>)>>,
-    counter: &AtomicUsize,
-    stop: &AtomicBool,
-) {
+fn submit_until_broken(addr: SocketAddr, acked: &Acked, counter: &AtomicUsize, stop: &AtomicBool) {
     let Ok(stream) = TcpStream::connect(addr) else { return };
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut writer = stream.try_clone().unwrap();
@@ -209,7 +205,7 @@ fn submit_until_broken(
     }
     while !stop.load(Ordering::Relaxed) {
         let n = counter.fetch_add(1, Ordering::Relaxed);
-        let rcpts: Vec<String> = if n % 2 == 0 {
+        let rcpts: Vec<String> = if n.is_multiple_of(2) {
             vec![format!("u{n}@one.example"), format!("u{n}@two.example")]
         } else {
             vec![format!("u{n}@one.example")]

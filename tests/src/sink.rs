@@ -26,9 +26,9 @@ impl Received {
     /// The value of the first `Subject:` header.
     pub fn subject(&self) -> Option<String> {
         let text = String::from_utf8_lossy(&self.body);
-        text.lines().take_while(|l| !l.is_empty()).find_map(|l| {
-            l.strip_prefix("Subject: ").map(|s| s.trim_end().to_owned())
-        })
+        text.lines()
+            .take_while(|l| !l.is_empty())
+            .find_map(|l| l.strip_prefix("Subject: ").map(|s| s.trim_end().to_owned()))
     }
 }
 
@@ -155,7 +155,9 @@ async fn session(stream: TcpStream, state: Arc<(Mutex<State>, Condvar)>) -> std:
         let upper = text.to_ascii_uppercase();
         let reply: &[u8] = if upper.starts_with("EHLO") {
             b"250-sink.test\r\n250-8BITMIME\r\n250 PIPELINING\r\n"
-        } else if upper.starts_with("HELO") || upper.starts_with("RSET") || upper.starts_with("NOOP")
+        } else if upper.starts_with("HELO")
+            || upper.starts_with("RSET")
+            || upper.starts_with("NOOP")
         {
             from.clear();
             rcpts.clear();

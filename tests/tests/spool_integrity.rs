@@ -70,7 +70,8 @@ async fn entries_failing_their_checks_are_quarantined_and_never_delivered() {
     altered[10] ^= 0x20;
     std::fs::write(msg("altered"), altered).unwrap();
     std::fs::remove_file(msg("bodiless")).unwrap();
-    std::fs::write(spool_dir.join("env/garbled.json"), b"{\"id\": \"garbled\", \"rcpts\": [").unwrap();
+    std::fs::write(spool_dir.join("env/garbled.json"), b"{\"id\": \"garbled\", \"rcpts\": [")
+        .unwrap();
     drop(spool);
 
     let toml = format!(
@@ -83,9 +84,8 @@ async fn entries_failing_their_checks_are_quarantined_and_never_delivered() {
     let relay = Relay::start(&config, listener).await.unwrap();
 
     let s = sink.clone();
-    let delivered = tokio::task::spawn_blocking(move || s.wait_for(2, Duration::from_secs(30)))
-        .await
-        .unwrap();
+    let delivered =
+        tokio::task::spawn_blocking(move || s.wait_for(2, Duration::from_secs(30))).await.unwrap();
     assert_eq!(delivered, 2);
     let deadline = Instant::now() + Duration::from_secs(30);
     while relay.queue.store().quarantined().unwrap().len() < 4 {

@@ -499,8 +499,7 @@ impl Queue {
             let Ok(_permit) = slot.acquire().await else { continue };
             let outcome = deliverer.deliver(&chain, &message, domain, rcpts).await;
             tracing::info!(id = %envelope.id, domain, tls = %outcome.tls_log, "delivery attempt");
-            let delivered =
-                self.apply(&mut envelope, &mut durable, outcome, &mut bounced);
+            let delivered = self.apply(&mut envelope, &mut durable, outcome, &mut bounced);
             unsaved |= delivered;
             if unsaved && n + 1 < domains {
                 self.save(&durable).await;

@@ -127,7 +127,9 @@ impl Envelope {
         if let Some(expected) = &self.body_sha256 {
             let actual = hex::encode(Sha256::digest(body));
             if !actual.eq_ignore_ascii_case(expected) {
-                return Err(format!("body checksum mismatch (sha256 {actual}, accepted {expected})"));
+                return Err(format!(
+                    "body checksum mismatch (sha256 {actual}, accepted {expected})"
+                ));
             }
         }
         Ok(())
@@ -572,7 +574,9 @@ impl QueueStore for SpoolDir {
                     format!("envelope names another id ({:?})", envelope.id),
                 )),
                 Err(StoreError::NotFound(_)) => {}
-                Err(e @ StoreError::Corrupt { .. }) => out.corrupt.push((id.to_owned(), e.to_string())),
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    out.corrupt.push((id.to_owned(), e.to_string()))
+                }
                 Err(e) => return Err(e),
             }
         }
