@@ -577,7 +577,8 @@ impl QueueStore for SpoolDir {
                 Err(e @ StoreError::Corrupt { .. }) => {
                     out.corrupt.push((id.to_owned(), e.to_string()))
                 }
-                Err(e) => return Err(e),
+                // Unreadable for now (I/O): skipped, seen again at the next scan.
+                Err(e) => tracing::error!("skipping queue entry: {e}"),
             }
         }
         out.envelopes.sort_by(|a, b| a.id.cmp(&b.id));
