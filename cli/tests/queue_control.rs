@@ -259,6 +259,8 @@ fn queue_commands_never_recover_a_locked_spool() {
     let spool = dir.path().join("spool");
     {
         let relay = Relay::start(&config, addr);
+        let mode = std::fs::metadata(spool.join("control.sock")).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
         // What an accept in progress looks like: staged files, a body before its envelope.
         std::fs::write(spool.join("tmp/.tmpSTAGED"), b"half an accept").unwrap();
         std::fs::write(spool.join("msg/inflight.eml"), b"Subject: x\r\n\r\nx\r\n").unwrap();
