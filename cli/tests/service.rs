@@ -154,7 +154,7 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
 
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() >= 50, "too little load to prove anything: {}", acked.len());
-    let spool = SpoolDir::open(dir.path().join("spool")).unwrap();
+    let spool = SpoolDir::inspect(dir.path().join("spool"));
     let stored: std::collections::HashSet<String> =
         spool.list().unwrap().into_iter().map(|e| e.id).collect();
     let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
@@ -175,7 +175,7 @@ fn kill_9_under_load_loses_no_acknowledged_message() {
     wait_listening(addr);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let spool = SpoolDir::open(dir.path().join("spool")).unwrap();
+        let spool = SpoolDir::inspect(dir.path().join("spool"));
         let list = spool.list().unwrap();
         let waiting = list.iter().filter(|e| e.attempts == 0).count();
         if waiting == 0 {

@@ -3,7 +3,8 @@
 //!
 //! A deliberately tiny HTTP/1.1 responder: one request per connection, GET only, bounded
 //! request size. It exposes counters and the queue, never accepts changes (those go through
-//! the `postwarden queue` commands), and should only ever listen on loopback.
+//! the `postwarden queue` commands and the local control socket, [`crate::control`]), and
+//! should only ever listen on loopback.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -133,6 +134,11 @@ pub fn metrics(state: &AdminState) -> String {
         "Recipients bounced.",
         &[("", c.bounced.load(Ordering::Relaxed))],
     );
+    counter(
+        "postwarden_queue_quarantined_total",
+        "Queue entries moved to quarantine (corrupt envelope, missing or altered body).",
+        &[("", c.quarantined.load(Ordering::Relaxed))],
+    );
     let s = &state.deliverer.stats;
     counter(
         "postwarden_connections_opened_total",
@@ -231,6 +237,12 @@ pub fn metrics(state: &AdminState) -> String {
         "# HELP postwarden_queue_oldest_seconds Age of the oldest queued message.\n# TYPE postwarden_queue_oldest_seconds gauge"
     );
     let _ = writeln!(out, "postwarden_queue_oldest_seconds {oldest}");
+    let quarantined = state.queue.store().quarantined().map_or(0, |q| q.len());
+    let _ = writeln!(
+        out,
+        "# HELP postwarden_queue_quarantined Entries in the quarantine directory (see `postwarden queue list`).\n# TYPE postwarden_queue_quarantined gauge"
+    );
+    let _ = writeln!(out, "postwarden_queue_quarantined {quarantined}");
     out
 }
 

@@ -438,77 +438,43 @@ fn state(cmd: StateCommand, out: &mut String) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `queue ...`.
+/// `queue ...`: through the running relay's control socket when a relay holds the spool, else
+/// on the spool directly, holding its lock (see [`crate::control`]). Either way the same code
+/// answers; the spool is never recovered from here.
 pub fn queue(cmd: QueueCommand, out: &mut String) -> anyhow::Result<ExitCode> {
-    use crate::queue::store::{QueueStore, RecipientState, SpoolDir};
-    let config_path = match &cmd {
-        QueueCommand::List { config }
-        | QueueCommand::Show { config, .. }
-        | QueueCommand::Retry { config, .. }
-        | QueueCommand::Delete { config, .. } => config,
+    use crate::control::{self, Request};
+    use crate::queue::store::{SpoolDir, StoreError};
+    let (config_path, request) = match cmd {
+        QueueCommand::List { config } => (config, Request::List),
+        QueueCommand::Show { config, id } => (config, Request::Show { id }),
+        QueueCommand::Retry { config, id } => (config, Request::Retry { id }),
+        QueueCommand::Delete { config, id } => (config, Request::Delete { id }),
     };
-    let config = Config::load(config_path)?;
-    let store = SpoolDir::open(&config.queue.dir)?;
-    match cmd {
-        QueueCommand::List { .. } => {
-            let now = crate::queue::store::now();
-            let list = store.list()?;
-            for e in &list {
-                let pending = e.pending().count();
-                let first = e.pending().next().map_or("", |r| r.address.as_str());
-                let last = e
-                    .pending()
-                    .find_map(|r| r.last.as_ref())
-                    .map_or(String::new(), |(c, r)| format!("{c} {r}"));
-                writeln!(
-                    out,
-                    "{}  age {}s  attempts {}  next in {}s  from <{}>  {pending} pending (first {first})  {last}",
-                    e.id,
-                    now.saturating_sub(e.created),
-                    e.attempts,
-                    e.next_attempt.saturating_sub(now),
-                    e.mail_from,
-                )?;
-            }
-            writeln!(out, "{} messages", list.len())?;
+    let config = Config::load(&config_path)?;
+    let response = match SpoolDir::open_offline(&config.queue.dir) {
+        Ok(spool) => {
+            let queue = crate::queue::Queue::new(
+                std::sync::Arc::new(spool),
+                config.queue.options(&config.delivery.helo_name),
+            );
+            control::execute(&queue, &request)
         }
-        QueueCommand::Show { id, .. } => {
-            let e = store.envelope(&id)?;
-            writeln!(out, "id:          {}", e.id)?;
-            writeln!(out, "from:        <{}>", e.mail_from)?;
-            writeln!(out, "created:     {}", e.created)?;
-            writeln!(out, "attempts:    {}", e.attempts)?;
-            writeln!(out, "next:        {}", e.next_attempt)?;
-            writeln!(out, "requiretls:  {}", e.requiretls)?;
-            for r in &e.rcpts {
-                let state = match r.state {
-                    RecipientState::Pending => "pending",
-                    RecipientState::Delivered => "delivered",
-                    RecipientState::Bounced => "bounced",
-                };
-                let last = r.last.as_ref().map_or(String::new(), |(c, t)| format!(" {c} {t}"));
-                writeln!(out, "rcpt:        <{}> {state}{last} [{}]", r.address, r.tls_log)?;
-            }
+        Err(StoreError::Locked { .. }) => {
+            let socket = config.queue.control_socket_path();
+            control::call(&socket, &request).with_context(|| {
+                format!(
+                    "a relay holds the spool {}, but its control socket {} does not answer",
+                    config.queue.dir.display(),
+                    socket.display()
+                )
+            })?
         }
-        QueueCommand::Retry { id: Some(id), .. } => {
-            let mut e = store.envelope(&id)?;
-            e.next_attempt = 0;
-            store.update(&e)?;
-            writeln!(out, "{id}: due now (a running relay picks it up within a minute)")?;
-        }
-        QueueCommand::Retry { id: None, .. } => {
-            let mut n = 0;
-            for mut e in store.list()? {
-                e.next_attempt = 0;
-                store.update(&e)?;
-                n += 1;
-            }
-            writeln!(out, "{n} messages due now")?;
-        }
-        QueueCommand::Delete { id, .. } => {
-            store.remove(&id)?;
-            writeln!(out, "{id}: deleted")?;
-        }
+        Err(e) => return Err(e.into()),
+    };
+    if response.ok {
+        out.push_str(&response.output);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        bail!("{}", response.output.trim_end())
     }
-    Ok(ExitCode::SUCCESS)
 }

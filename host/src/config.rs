@@ -371,6 +371,11 @@ pub struct QueueConfig {
     /// Deliveries to one destination domain at once (default 20).
     #[serde(default = "default_queue_concurrency")]
     pub per_destination: usize,
+    /// The local control socket through which `postwarden queue` commands reach the running
+    /// relay (a Unix socket, mode 0600, only its owner's user and root may talk to it).
+    /// Default: `control.sock` in the spool directory.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Default for QueueConfig {
@@ -383,11 +388,17 @@ impl Default for QueueConfig {
             delay_warning: None,
             concurrency: default_queue_concurrency(),
             per_destination: default_queue_concurrency(),
+            control_socket: None,
         }
     }
 }
 
 impl QueueConfig {
+    /// Where the control socket is.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| self.dir.join("control.sock"))
+    }
+
     /// As the queue's options; `hostname` names the relay in DSNs.
     pub fn options(&self, hostname: &str) -> crate::queue::QueueOptions {
         crate::queue::QueueOptions {
@@ -844,6 +855,9 @@ impl Config {
             resolve(ca);
         }
         resolve(&mut self.queue.dir);
+        if let Some(socket) = &mut self.queue.control_socket {
+            resolve(socket);
+        }
         for path in [
             &mut self.inbound.tls_cert,
             &mut self.inbound.tls_key,

@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod inbound;
 pub mod policy;

@@ -133,6 +133,13 @@ impl Relay {
             }
             None => None,
         };
+        // Holding the spool's lock (taken by `SpoolDir::open` above), the socket is ours to
+        // (re)create: queue commands reach this relay through it from now on.
+        let control_path = config.queue.control_socket_path();
+        let control = crate::control::bind(&control_path).map_err(|e| {
+            anyhow::anyhow!("queue.control_socket: cannot bind {}: {e}", control_path.display())
+        })?;
+        tokio::spawn(crate::control::serve(control, control_path, queue.clone(), stopped.clone()));
         let scheduler = tokio::spawn(queue.clone().run(deliverer.clone(), chains.clone(), stopped));
         tracing::info!(%smtp_addr, policies = chains.current().policies().len(), "relay started");
         Ok(Relay {

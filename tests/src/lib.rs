@@ -4,9 +4,11 @@
 //! - [`wasm`]: the bundled policies and test fixtures, built to wasm components on demand.
 //! - [`polyglot`]: policies in Python, JavaScript and WAT, built with their own toolchains.
 //! - [`submit`]: an independent submission client (STARTTLS, AUTH PLAIN) for running relays.
+//! - [`sink`]: a plaintext SMTP destination that records what arrives.
 
 pub mod chains;
 pub mod polyglot;
 pub mod sim;
+pub mod sink;
 pub mod submit;
 pub mod wasm;

@@ -719,7 +719,9 @@ impl Attempt<'_> {
         let peer = client.peer();
         match client.transaction_plaintext(&permit, &self.envelope, self.message.body).await {
             Ok(results) => {
-                client.quit().await;
+                // The outcome goes back to the queue now, to be recorded (a crash between the
+                // server's 250 and that record duplicates the message); QUIT needs no waiting.
+                tokio::spawn(client.quit());
                 let requirement = self.requirement.clone();
                 HostResult::Done(results, DeliveredVia { tls: None, fallback, requirement })
             }

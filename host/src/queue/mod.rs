@@ -6,7 +6,14 @@
 //! - [`schedule`]: the in-memory index of what is due when.
 //! - [`commit`]: group commit of accepted messages.
 //! - this module: [`Queue`]: accepting (durably), the scheduler loop, per-recipient outcomes,
-//!   exponential backoff, the maximal lifetime.
+//!   exponential backoff, the maximal lifetime, quarantine of entries that fail their checks.
+//!
+//! # Who writes an envelope
+//! Every change to a stored message happens under its *claim* ([`Queue::claim`]): the delivery
+//! task holds it from reading the envelope to writing the outcome, a queue command (through
+//! [`crate::control`]) for its read-modify-write. So a command can never write back a stale
+//! copy (putting delivered recipients back, recreating a removed envelope), and a delivery
+//! never starts on a message a command is changing.
 
 pub mod commit;
 pub mod dsn;
@@ -91,6 +98,30 @@ pub struct Queue {
     schedule: std::sync::Mutex<Schedule>,
     /// `None` only if its thread could not be started; accepts then write one by one.
     committer: Option<Committer>,
+    /// Messages claimed by a delivery or a queue command (see the module docs).
+    claims: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// The exclusive right to change one stored message; released on drop.
+pub struct Claim<'a> {
+    queue: &'a Queue,
+    id: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        lock(&self.queue.claims).remove(&self.id);
+    }
+}
+
+/// What reading a due message found.
+enum Due {
+    /// Deliver this.
+    Now(Envelope, Vec<u8>),
+    /// Not due before this time.
+    Later(u64),
+    /// Fails its checks: quarantine it, for this reason.
+    Broken(String),
 }
 
 /// How often the scheduler re-reads the whole spool (changes made by `postwarden queue` from
@@ -112,6 +143,8 @@ pub struct Counters {
     pub deferred: std::sync::atomic::AtomicU64,
     /// Recipients bounced.
     pub bounced: std::sync::atomic::AtomicU64,
+    /// Entries moved to quarantine (corrupt envelope, missing or altered body).
+    pub quarantined: std::sync::atomic::AtomicU64,
 }
 
 /// The outcome of one recipient's delivery attempt, kept in memory for status reports (the
@@ -148,7 +181,19 @@ impl Queue {
             destinations: Default::default(),
             schedule: Default::default(),
             committer,
+            claims: Default::default(),
         })
+    }
+
+    /// Claims message `id` for a change; `None` while a delivery or a command holds it.
+    pub fn claim(&self, id: &str) -> Option<Claim<'_>> {
+        lock(&self.claims).insert(id.to_owned()).then(|| Claim { queue: self, id: id.to_owned() })
+    }
+
+    /// Makes message `id` due at `at` in the scheduler's index and wakes the scheduler.
+    pub fn reschedule(&self, id: &str, at: u64) {
+        lock(&self.schedule).set(id, at);
+        self.wake.notify_one();
     }
 
     /// The store.
@@ -210,10 +255,17 @@ impl Queue {
             tls_required_no: message.tls_required_no,
             authenticated: message.authenticated,
             warned: false,
+            body_len: None,
+            body_sha256: None,
         };
+        let mut envelope = envelope;
         let body = match message.staged {
+            // Sealed by the store, which reads the staged file back.
             Some(path) => NewBody::Staged(path),
-            None => NewBody::Bytes(message.body),
+            None => {
+                envelope.seal(&message.body);
+                NewBody::Bytes(message.body)
+            }
         };
         (envelope, body)
     }
@@ -224,17 +276,43 @@ impl Queue {
         self.store.stage_body()
     }
 
-    /// Makes every message due now (`postwarden queue retry` and tests).
-    pub fn retry_all(&self) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for mut envelope in self.store.list()? {
+    /// Makes message `id` due now, under its claim, from the envelope as stored: delivered
+    /// recipients stay delivered and a removed message stays removed. `Ok(false)`: a delivery
+    /// of it is under way (it is rescheduled when that ends). Blocking: call it off the async
+    /// workers.
+    pub fn retry(&self, id: &str) -> Result<bool, StoreError> {
+        let Some(claim) = self.claim(id) else { return Ok(false) };
+        let mut envelope = self.store.envelope(id)?;
+        if envelope.next_attempt != 0 {
             envelope.next_attempt = 0;
             self.store.update(&envelope)?;
-            lock(&self.schedule).set(&envelope.id, 0);
-            n += 1;
         }
-        self.wake.notify_one();
-        Ok(n)
+        // Released first: the scheduler skips a claimed message it takes from the schedule.
+        drop(claim);
+        self.reschedule(id, 0);
+        Ok(true)
+    }
+
+    /// Removes message `id` under its claim. `Ok(false)`: a delivery of it is under way.
+    /// Blocking: call it off the async workers.
+    pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let Some(_claim) = self.claim(id) else { return Ok(false) };
+        self.store.remove(id)?;
+        Ok(true)
+    }
+
+    /// Makes every message due now (see [`Queue::retry`]): (made due, under delivery).
+    pub fn retry_all(&self) -> Result<(usize, usize), StoreError> {
+        let (mut due, mut busy) = (0, 0);
+        for envelope in self.store.list()? {
+            match self.retry(&envelope.id) {
+                Ok(true) => due += 1,
+                Ok(false) => busy += 1,
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((due, busy))
     }
 
     /// Runs the scheduler until `shutdown` turns true: due messages are delivered, up to
@@ -247,7 +325,6 @@ impl Queue {
     ) {
         let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let mut in_flight = tokio::task::JoinSet::new();
-        let busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
         let mut next_scan = tokio::time::Instant::now();
         loop {
             if *shutdown.borrow() {
@@ -260,36 +337,15 @@ impl Queue {
             let t = now();
             loop {
                 let Some(id) = lock(&self.schedule).pop_due(t) else { break };
-                // A message being delivered is rescheduled by its own task when it finishes.
-                if !lock(&busy).insert(id.clone()) {
+                // A message being delivered (claimed) is rescheduled by its own task when it
+                // finishes; `deliver_due` skips it.
+                if lock(&self.claims).contains(&id) {
                     continue;
                 }
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                let (queue, deliverer, chains, busy) =
-                    (self.clone(), deliverer.clone(), chains.clone(), busy.clone());
+                let (queue, deliverer, chains) = (self.clone(), deliverer.clone(), chains.clone());
                 in_flight.spawn(async move {
-                    // The index is a hint: another task may have finished this message (removed
-                    // it, or rescheduled it) since, or `postwarden queue` changed it. Only the
-                    // stored envelope counts, or a message could be delivered twice.
-                    // One trip to the blocking pool reads both envelope and body.
-                    let read = id.clone();
-                    let due = queue
-                        .blocking(move |store| {
-                            let fresh = store.envelope(&read)?;
-                            let body = (fresh.next_attempt <= now()).then(|| store.body(&read));
-                            Ok((fresh, body))
-                        })
-                        .await;
-                    match due {
-                        Ok((fresh, Some(Ok(body)))) => {
-                            queue.attempt(fresh, body, &deliverer, &chains).await;
-                        }
-                        Ok((_, Some(Err(e)))) => tracing::error!(%id, "cannot read message: {e}"),
-                        Ok((fresh, None)) => lock(&queue.schedule).set(&id, fresh.next_attempt),
-                        Err(StoreError::NotFound(_)) => {}
-                        Err(e) => tracing::error!(%id, "cannot read envelope: {e}"),
-                    }
-                    lock(&busy).remove(&id);
+                    queue.deliver_due(&id, &deliverer, &chains).await;
                     drop(permit);
                 });
             }
@@ -308,14 +364,75 @@ impl Queue {
         while in_flight.join_next().await.is_some() {}
     }
 
-    /// Reads the whole spool into the schedule. Entries are merged, never dropped, so that a
-    /// message accepted while the spool was being read keeps its place.
+    /// Delivers message `id` if it is still due, under its claim. The schedule is a hint:
+    /// another task may have finished this message (removed it, or rescheduled it) since, or a
+    /// queue command changed it; only the stored envelope counts, or a message could be
+    /// delivered twice. The body is checked against the envelope's record first; what fails
+    /// (or has no body, or no parseable envelope) goes to quarantine, never to the next hop.
+    pub async fn deliver_due(&self, id: &str, deliverer: &Deliverer, chains: &ChainHandle) {
+        // Whoever holds the claim reschedules the message when done with it.
+        let Some(claim) = self.claim(id) else { return };
+        // One trip to the blocking pool reads both envelope and body.
+        let read = id.to_owned();
+        let due = self
+            .blocking(move |store| {
+                let fresh = store.envelope(&read)?;
+                if fresh.next_attempt > now() {
+                    return Ok(Due::Later(fresh.next_attempt));
+                }
+                match store.body(&read) {
+                    Ok(body) => Ok(match fresh.check_body(&body) {
+                        Ok(()) => Due::Now(fresh, body),
+                        Err(reason) => Due::Broken(reason),
+                    }),
+                    Err(StoreError::NotFound(_)) => {
+                        Ok(Due::Broken("the message body is missing".to_owned()))
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+        match due {
+            Ok(Due::Now(fresh, body)) => self.attempt(fresh, body, deliverer, chains).await,
+            Ok(Due::Later(at)) => lock(&self.schedule).set(id, at),
+            Ok(Due::Broken(reason)) => self.quarantine(&claim, &reason).await,
+            Err(StoreError::NotFound(_)) => {}
+            Err(e @ StoreError::Corrupt { .. }) => self.quarantine(&claim, &e.to_string()).await,
+            // Transient (I/O): the next scan schedules it again.
+            Err(e) => tracing::error!(%id, "cannot read the message: {e}"),
+        }
+    }
+
+    /// Moves a claimed message to quarantine, logging it once (it leaves the queue, so no
+    /// scan meets it again).
+    async fn quarantine(&self, claim: &Claim<'_>, reason: &str) {
+        let (id, why) = (claim.id.clone(), reason.to_owned());
+        match self.blocking(move |store| store.quarantine(&id, &why)).await {
+            Ok(()) => {
+                self.counters.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(id = %claim.id, reason, "queue entry quarantined, not delivered");
+            }
+            Err(e) => tracing::error!(id = %claim.id, reason, "cannot quarantine: {e}"),
+        }
+    }
+
+    /// Reads the whole spool into the schedule, and quarantines envelopes that do not parse.
+    /// Entries are merged, never dropped, so that a message accepted while the spool was being
+    /// read keeps its place.
     async fn scan(&self) {
-        match self.blocking(|store| store.list()).await {
-            Ok(list) => {
-                let mut schedule = lock(&self.schedule);
-                for envelope in list {
-                    schedule.set(&envelope.id, envelope.next_attempt);
+        match self.blocking(|store| store.scan()).await {
+            Ok(listing) => {
+                {
+                    let mut schedule = lock(&self.schedule);
+                    for envelope in listing.envelopes {
+                        schedule.set(&envelope.id, envelope.next_attempt);
+                    }
+                }
+                for (id, reason) in listing.corrupt {
+                    // Claimed elsewhere: that task meets the same corrupt envelope.
+                    if let Some(claim) = self.claim(&id) {
+                        self.quarantine(&claim, &reason).await;
+                    }
                 }
             }
             Err(e) => tracing::error!("queue scan failed: {e}"),
@@ -349,8 +466,10 @@ impl Queue {
             by_domain.entry(domain).or_default().push(r.address.clone());
         }
         let chain = chains.current();
+        // The message borrows from copies: the envelope itself takes outcomes meanwhile.
+        let mail_from = envelope.mail_from.clone();
         let message = Message {
-            mail_from: &envelope.mail_from,
+            mail_from: &mail_from,
             body: &body,
             requiretls: envelope.requiretls,
             tls_required_no: envelope.tls_required_no,
@@ -358,16 +477,58 @@ impl Queue {
             attempt: envelope.attempts,
             age,
         };
-        let mut results = Vec::new();
-        for (domain, rcpts) in &by_domain {
+        let mut bounced = Vec::new();
+        // What is on disk should say "delivered" as soon as a next hop said so (RFC 1047: a
+        // crash between its 250 and our record duplicates the message). `durable` is the
+        // envelope as stored plus the deliveries: it is written after each transaction but the
+        // last (that one's record follows at once, below). Bounces are not in it: their DSN is
+        // queued first, and a crash before that must leave them to be tried (and bounced) again.
+        let mut durable = envelope.clone();
+        let mut unsaved = false;
+        let domains = by_domain.len();
+        for (n, (domain, rcpts)) in by_domain.iter().enumerate() {
             let slot = self.destination(domain);
             let Ok(_permit) = slot.acquire().await else { continue };
             let outcome = deliverer.deliver(&chain, &message, domain, rcpts).await;
             tracing::info!(id = %envelope.id, domain, tls = %outcome.tls_log, "delivery attempt");
-            results.push(outcome);
+            let delivered = self.apply(&mut envelope, &mut durable, outcome, &mut bounced);
+            unsaved |= delivered;
+            if unsaved && n + 1 < domains {
+                self.save(&durable).await;
+                unsaved = false;
+            }
         }
-        let mut bounced = Vec::new();
-        for outcome in results {
+        let needs_dsn = !bounced.is_empty()
+            || (!envelope.is_done() && age >= self.options.max_lifetime.as_secs())
+            || (self.options.delay_warning.is_some_and(|after| age >= after.as_secs())
+                && !envelope.warned
+                && !envelope.is_done());
+        if unsaved && needs_dsn {
+            // Queuing a DSN takes a sync: record the deliveries before.
+            self.save(&durable).await;
+        }
+        self.finish_attempt(envelope, body, bounced, age).await;
+    }
+
+    /// Writes `envelope` (an intermediate record of an attempt under way).
+    async fn save(&self, envelope: &Envelope) {
+        let copy = envelope.clone();
+        if let Err(e) = self.blocking(move |store| store.update(&copy)).await {
+            tracing::error!(id = %envelope.id, "cannot record deliveries: {e}");
+        }
+    }
+
+    /// Applies one domain's outcome to the envelope (and its deliveries to `durable`); counts
+    /// and remembers each. Returns whether anyone was delivered.
+    fn apply(
+        &self,
+        envelope: &mut Envelope,
+        durable: &mut Envelope,
+        outcome: crate::delivery::DomainOutcome,
+        bounced: &mut Vec<dsn::DsnRecipient>,
+    ) -> bool {
+        let mut any = false;
+        {
             for r in outcome.recipients {
                 self.remember(Attempted {
                     id: envelope.id.clone(),
@@ -396,6 +557,10 @@ impl Queue {
                     Status::Delivered { mx, reply, .. } => {
                         entry.state = RecipientState::Delivered;
                         entry.last = Some(("2.0.0".into(), format!("delivered to {mx}: {reply}")));
+                        if let Some(kept) = durable.rcpts.iter_mut().find(|e| e.address == r.rcpt) {
+                            *kept = entry.clone();
+                        }
+                        any = true;
                     }
                     Status::Bounced { code, reason } => {
                         entry.state = RecipientState::Bounced;
@@ -411,6 +576,18 @@ impl Queue {
                 }
             }
         }
+        any
+    }
+
+    /// The end of an attempt: expiry, DSNs, then the envelope's final record (removed when
+    /// done, else rescheduled with backoff).
+    async fn finish_attempt(
+        &self,
+        mut envelope: Envelope,
+        body: Vec<u8>,
+        mut bounced: Vec<dsn::DsnRecipient>,
+        age: u64,
+    ) {
         if !envelope.is_done() && age >= self.options.max_lifetime.as_secs() {
             for entry in envelope.rcpts.iter_mut().filter(|e| e.state == RecipientState::Pending) {
                 entry.state = RecipientState::Bounced;

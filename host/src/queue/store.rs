@@ -12,17 +12,33 @@
 //!   ([`QueueStore::stage_body`]); anything here after a crash is garbage and removed at start.
 //! - `msg/<id>.eml`: the message (headers and body, CRLF), written once.
 //! - `env/<id>.json`: the envelope and per-recipient state, rewritten atomically.
+//! - `quarantine/`: entries that failed their checks (`<id>.reason`, and whichever of
+//!   `<id>.eml` and `<id>.json` existed), kept for the operator, never delivered.
+//! - `lock`: held (`flock`, exclusive) by the one process that owns the spool: the relay, or a
+//!   `postwarden queue` command while no relay runs.
 //!
 //! A message exists once its envelope is in `env/` (the body is renamed in first), so a crash at
 //! any point leaves either no message or a complete one. Deleting removes the envelope first.
+//!
+//! Only the owner of the lock may recover the spool (remove `tmp/` leftovers and bodies without
+//! an envelope): beside a live relay those are accepts in progress. [`SpoolDir::open`] takes the
+//! lock and recovers (the relay), [`SpoolDir::open_offline`] takes it without recovering (the
+//! queue commands on a stopped relay), [`SpoolDir::inspect`] takes nothing and must only read.
+//!
+//! Each envelope records its body's length and SHA-256 ([`Envelope::body_len`],
+//! [`Envelope::body_sha256`]), checked before every delivery: a truncated or altered body is
+//! quarantined, never sent. Envelopes written before these fields existed have neither; their
+//! bodies are delivered unchecked (nothing recorded what they should be, and a digest computed
+//! at first read would only bless whatever is on disk then).
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
 
 /// A queued message's envelope and delivery state.
@@ -53,6 +69,12 @@ pub struct Envelope {
     /// Whether a delay warning was sent already.
     #[serde(default)]
     pub warned: bool,
+    /// The body's length in bytes, recorded at accept (absent in older envelopes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_len: Option<u64>,
+    /// The body's SHA-256, lowercase hex, recorded at accept (absent in older envelopes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_sha256: Option<String>,
 }
 
 /// One recipient's state.
@@ -92,6 +114,49 @@ impl Envelope {
     pub fn is_done(&self) -> bool {
         self.pending().next().is_none()
     }
+
+    /// Records `body`'s length and digest, to be checked before each delivery.
+    pub fn seal(&mut self, body: &[u8]) {
+        self.body_len = Some(body.len() as u64);
+        self.body_sha256 = Some(hex::encode(Sha256::digest(body)));
+    }
+
+    /// Whether `body` is the one recorded at accept. `Err` says how it differs. An envelope
+    /// without a record (written by an older version) accepts any body.
+    pub fn check_body(&self, body: &[u8]) -> Result<(), String> {
+        if let Some(len) = self.body_len
+            && len != body.len() as u64
+        {
+            return Err(format!("body is {} bytes, {len} were accepted", body.len()));
+        }
+        if let Some(expected) = &self.body_sha256 {
+            let actual = hex::encode(Sha256::digest(body));
+            if !actual.eq_ignore_ascii_case(expected) {
+                return Err(format!(
+                    "body checksum mismatch (sha256 {actual}, accepted {expected})"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An entry moved to `quarantine/`.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct Quarantined {
+    /// Queue id (the file name it had).
+    pub id: String,
+    /// Why it was quarantined.
+    pub reason: String,
+}
+
+/// What a read of the whole spool found.
+#[derive(Clone, Debug, Default)]
+pub struct Listing {
+    /// Envelopes that parsed, by id.
+    pub envelopes: Vec<Envelope>,
+    /// Entries whose envelope did not parse (id, error).
+    pub corrupt: Vec<(String, String)>,
 }
 
 /// Why the store failed.
@@ -120,6 +185,12 @@ pub enum StoreError {
     /// The worker thread running a store operation failed.
     #[error("queue store task failed: {0}")]
     Task(String),
+    /// Another process owns the spool (a running relay, or another queue command).
+    #[error("{path}: the spool is locked by another process (a running relay?)")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
 }
 
 /// Where a new message's body is.
@@ -136,7 +207,9 @@ pub enum BodySource<'a> {
 /// A durable message store.
 pub trait QueueStore: Send + Sync {
     /// Stores a new message; returns only once it is durable.
-    fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError>;
+    fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError> {
+        self.insert_batch(&[(envelope, BodySource::Bytes(body))]).pop().unwrap_or(Ok(()))
+    }
     /// Stores several new messages, one result each, in order; returns only once those that
     /// succeeded are durable. A store may share its syncs between them (group commit).
     fn insert_batch(&self, items: &[(&Envelope, BodySource<'_>)]) -> Vec<Result<(), StoreError>> {
@@ -164,10 +237,19 @@ pub trait QueueStore: Send + Sync {
     fn body(&self, id: &str) -> Result<Vec<u8>, StoreError>;
     /// Reads one envelope.
     fn envelope(&self, id: &str) -> Result<Envelope, StoreError>;
-    /// Every envelope in the queue.
-    fn list(&self) -> Result<Vec<Envelope>, StoreError>;
+    /// Every envelope in the queue that parses.
+    fn list(&self) -> Result<Vec<Envelope>, StoreError> {
+        Ok(self.scan()?.envelopes)
+    }
+    /// Every entry in the queue, envelopes that do not parse included.
+    fn scan(&self) -> Result<Listing, StoreError>;
     /// Removes a message.
     fn remove(&self, id: &str) -> Result<(), StoreError>;
+    /// Moves whatever exists of message `id` (body, envelope) out of the queue, into
+    /// quarantine, with `reason`. It is never delivered from there.
+    fn quarantine(&self, id: &str, reason: &str) -> Result<(), StoreError>;
+    /// The quarantined entries.
+    fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError>;
 }
 
 /// Most threads writing one batch's files at once.
@@ -177,20 +259,53 @@ const STAGING_THREADS: usize = 16;
 #[derive(Debug)]
 pub struct SpoolDir {
     root: PathBuf,
+    /// The open lock file, holding the exclusive `flock` for as long as this lives (`None`:
+    /// opened by [`SpoolDir::inspect`]).
+    _lock: Option<File>,
 }
 
 impl SpoolDir {
-    /// Opens (creating) the spool at `root`, removing leftovers of interrupted writes and
-    /// bodies whose envelope never made it.
+    /// Opens (creating) the spool at `root` as its owner (the relay): takes the lock, then
+    /// removes leftovers of interrupted writes and bodies whose envelope never made it. Fails
+    /// with [`StoreError::Locked`] if another process owns it.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let spool = Self::open_offline(root)?;
+        spool.recover()?;
+        Ok(spool)
+    }
+
+    /// Opens (creating) the spool at `root` as its owner, without recovering it: a queue
+    /// command run while no relay does. While it lives, a relay cannot start on this spool.
+    pub fn open_offline(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
-        for sub in ["tmp", "msg", "env"] {
+        for sub in ["tmp", "msg", "env", "quarantine"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir, source })?;
         }
-        let spool = SpoolDir { root };
-        spool.recover()?;
-        Ok(spool)
+        let path = root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked { path }),
+            Err(fs::TryLockError::Error(source)) => return Err(StoreError::Io { path, source }),
+        }
+        Ok(SpoolDir { root, _lock: Some(file) })
+    }
+
+    /// The spool at `root` without taking its lock, for reading only (tests, inspection of a
+    /// live spool): it changes nothing and recovers nothing.
+    pub fn inspect(root: impl Into<PathBuf>) -> Self {
+        SpoolDir { root: root.into(), _lock: None }
+    }
+
+    /// The spool directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// A new, unique queue id (time-ordered).
@@ -225,6 +340,10 @@ impl SpoolDir {
 
     fn msg_path(&self, id: &str) -> PathBuf {
         self.root.join("msg").join(format!("{id}.eml"))
+    }
+
+    fn quarantine_path(&self, id: &str, ext: &str) -> PathBuf {
+        self.root.join("quarantine").join(format!("{id}.{ext}"))
     }
 
     /// Writes `bytes` to `target` durably: tmp file, fsync, rename, fsync of the directory.
@@ -295,6 +414,21 @@ fn shared(e: &StoreError) -> StoreError {
     }
 }
 
+/// Length and SHA-256 (lowercase hex) of the file at `path`, read in chunks.
+fn digest_file(path: &Path) -> Result<(u64, String), StoreError> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(io(path))?;
+    let (mut hasher, mut len, mut chunk) = (Sha256::new(), 0u64, vec![0u8; 64 * 1024]);
+    loop {
+        let n = file.read(&mut chunk).map_err(io(path))?;
+        if n == 0 {
+            return Ok((len, hex::encode(hasher.finalize())));
+        }
+        hasher.update(&chunk[..n]);
+        len += n as u64;
+    }
+}
+
 impl QueueStore for SpoolDir {
     fn insert(&self, envelope: &Envelope, body: &[u8]) -> Result<(), StoreError> {
         self.insert_batch(&[(envelope, BodySource::Bytes(body))]).pop().unwrap_or(Ok(()))
@@ -314,11 +448,23 @@ impl QueueStore for SpoolDir {
     /// start), as with single inserts, at 2n + 2 fsyncs instead of 4n.
     fn insert_batch(&self, items: &[(&Envelope, BodySource<'_>)]) -> Vec<Result<(), StoreError>> {
         let stage_one = |(envelope, body): &(&Envelope, BodySource<'_>)| {
-            let body = match body {
-                BodySource::Bytes(bytes) => self.stage(bytes)?,
-                BodySource::Staged(path) => self.adopt(path)?,
-            };
-            Ok((body, self.stage(&envelope_json(envelope))?))
+            match body {
+                BodySource::Bytes(bytes) => {
+                    Ok((self.stage(bytes)?, self.stage(&envelope_json(envelope))?))
+                }
+                BodySource::Staged(path) => {
+                    let body = self.adopt(path)?;
+                    // A body streamed to disk is sealed here, read back once (from the page
+                    // cache) in chunks, so its record is the one a body in memory would get.
+                    let mut sealed = (*envelope).clone();
+                    if sealed.body_len.is_none() {
+                        let (len, sha256) = digest_file(body.path())?;
+                        sealed.body_len = Some(len);
+                        sealed.body_sha256 = Some(sha256);
+                    }
+                    Ok((body, self.stage(&envelope_json(&sealed))?))
+                }
+            }
         };
         // The file fsyncs overlap (one thread per file, up to STAGING_THREADS): a device
         // flushes concurrent writes together, and a batch waits for its slowest file only.
@@ -353,7 +499,8 @@ impl QueueStore for SpoolDir {
             .zip(staged)
             .map(|((envelope, _), staged)| {
                 let (body, env) = staged?;
-                persist(body, &self.msg_path(&envelope.id))?;
+                let target = self.msg_path(&envelope.id);
+                persist(body, &target)?;
                 Ok(env)
             })
             .collect();
@@ -398,21 +545,33 @@ impl QueueStore for SpoolDir {
         serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path, source })
     }
 
-    fn list(&self) -> Result<Vec<Envelope>, StoreError> {
+    fn scan(&self) -> Result<Listing, StoreError> {
         let dir = self.root.join("env");
-        let mut out = Vec::new();
+        let mut out = Listing::default();
         let entries =
             fs::read_dir(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
         for entry in entries {
             let path = entry.map_err(|source| StoreError::Io { path: dir.clone(), source })?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
             let Some(id) = path.file_stem().and_then(|s| s.to_str()) else { continue };
             match self.envelope(id) {
-                Ok(envelope) => out.push(envelope),
+                Ok(envelope) if envelope.id == id => out.envelopes.push(envelope),
+                Ok(envelope) => out.corrupt.push((
+                    id.to_owned(),
+                    format!("envelope names another id ({:?})", envelope.id),
+                )),
                 Err(StoreError::NotFound(_)) => {}
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    out.corrupt.push((id.to_owned(), e.to_string()))
+                }
+                // Unreadable for now (I/O): skipped, seen again at the next scan.
                 Err(e) => tracing::error!("skipping queue entry: {e}"),
             }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.envelopes.sort_by(|a, b| a.id.cmp(&b.id));
+        out.corrupt.sort();
         Ok(out)
     }
 
@@ -427,6 +586,51 @@ impl QueueStore for SpoolDir {
         }
         let _ = fs::remove_file(self.msg_path(id));
         Ok(())
+    }
+
+    /// The reason is written first, then the body moves, then the envelope: interrupted, the
+    /// envelope stays behind without its body and is quarantined again at the next check (a
+    /// body is never left in `msg/` without an envelope, where recovery would delete it).
+    fn quarantine(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let when = now();
+        self.write_durably(
+            &self.quarantine_path(id, "reason"),
+            format!("{when} {}\n", reason.replace(['\r', '\n'], " ")).as_bytes(),
+        )?;
+        for (from, ext) in [(self.msg_path(id), "eml"), (self.env_path(id), "json")] {
+            match fs::rename(&from, self.quarantine_path(id, ext)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Io { path: from, source }),
+            }
+            self.sync_dir(from.parent().unwrap_or(&self.root))?;
+        }
+        self.sync_dir(&dir)
+    }
+
+    fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        let dir = self.root.join("quarantine");
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StoreError::Io { path: dir, source }),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(io(&dir))?.path();
+            if path.extension().is_none_or(|e| e != "reason") {
+                continue;
+            }
+            let Some(id) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+            let mut reason = String::new();
+            // A reason is a line or two; a larger file was not written by us.
+            let _ = File::open(&path).and_then(|f| f.take(4096).read_to_string(&mut reason));
+            out.push(Quarantined { id: id.to_owned(), reason: reason.trim_end().to_owned() });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 }
 
@@ -456,6 +660,8 @@ mod tests {
             tls_required_no: false,
             authenticated: false,
             warned: false,
+            body_len: None,
+            body_sha256: None,
         }
     }
 
@@ -539,6 +745,43 @@ mod tests {
         let env = envelope(&SpoolDir::new_id());
         assert!(spool.insert_batch(&[(&env, BodySource::Staged(&outside))])[0].is_err());
         assert!(outside.exists());
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn one_owner_at_a_time_and_inspection_takes_no_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = SpoolDir::open(dir.path()).unwrap();
+        assert!(matches!(SpoolDir::open(dir.path()), Err(StoreError::Locked { .. })));
+        assert!(matches!(SpoolDir::open_offline(dir.path()), Err(StoreError::Locked { .. })));
+        assert!(SpoolDir::inspect(dir.path()).list().unwrap().is_empty());
+        drop(owner);
+        let offline = SpoolDir::open_offline(dir.path()).unwrap();
+        assert!(matches!(SpoolDir::open(dir.path()), Err(StoreError::Locked { .. })));
+        drop(offline);
+        SpoolDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_body_streamed_to_disk_is_sealed_like_one_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SpoolDir::open(dir.path()).unwrap();
+        let (path, mut file) = spool.stage_body().unwrap().unwrap();
+        for chunk in [&b"Subject: big\r\n\r\n"[..], b"line one\r\n", b"line two\r\n"] {
+            file.write_all(chunk).unwrap();
+        }
+        drop(file);
+        let whole = b"Subject: big\r\n\r\nline one\r\nline two\r\n";
+        let env = envelope(&SpoolDir::new_id());
+        let results = spool.insert_batch(&[(&env, BodySource::Staged(&path))]);
+        assert!(results[0].is_ok(), "{results:?}");
+        let mut sealed = env.clone();
+        sealed.seal(whole);
+        let stored = spool.envelope(&env.id).unwrap();
+        assert_eq!(stored.body_len, sealed.body_len);
+        assert_eq!(stored.body_sha256, sealed.body_sha256);
+        assert_eq!(spool.body(&env.id).unwrap(), whole);
+        assert!(stored.check_body(&whole[..10]).is_err());
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
