@@ -62,8 +62,13 @@ async fn entries_failing_their_checks_are_quarantined_and_never_delivered() {
     put("altered", "a@client.test", "u@example.com", "altered", true);
     put("bodiless", "a@client.test", "u@example.com", "bodiless", true);
     put("garbled", "a@client.test", "u@example.com", "garbled", true);
-    // CR/LF and an escape sequence in fields; routed to a closed port, so it stays queued.
-    put("hostile", "x@y\r\nforged  age 0s\x1b[2J", "u\r\n@example.net", "hostile", true);
+    // CR/LF and an escape sequence in fields. No command can carry such an address, so an
+    // attempt would bounce it at once (issue 10 item 5): it is due tomorrow, and stays queued.
+    let mut hostile = envelope("hostile", "x@y\r\nforged  age 0s\x1b[2J", "u\r\n@example.net");
+    let hostile_body = body("hostile");
+    hostile.seal(&hostile_body);
+    hostile.next_attempt = postwarden::queue::store::now() + 86_400;
+    spool.insert(&hostile, &hostile_body).unwrap();
     let msg = |id: &str| spool_dir.join("msg").join(format!("{id}.eml"));
     let full = body("truncated");
     std::fs::write(msg("truncated"), &full[..full.len() - 11]).unwrap();
@@ -97,13 +102,12 @@ async fn entries_failing_their_checks_are_quarantined_and_never_delivered() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Let the hostile entry's (deferred) attempt finish: the queue holds it alone.
-    while relay.queue.store().list().unwrap().len() > 1
-        || relay.queue.store().envelope("hostile").unwrap().attempts == 0
-    {
+    // The others are done: the queue holds the hostile entry alone, never attempted.
+    while relay.queue.store().list().unwrap().len() > 1 {
         assert!(Instant::now() < deadline, "{:?}", relay.queue.store().list().unwrap());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(relay.queue.store().envelope("hostile").unwrap().attempts, 0);
 
     // Only the intact bodies went out, each whole.
     let subjects: BTreeSet<String> = sink.received().iter().filter_map(|m| m.subject()).collect();
