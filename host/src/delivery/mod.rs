@@ -320,7 +320,7 @@ impl Deliverer {
                     tls_required_no: message.tls_required_no,
                     authenticated: message.authenticated,
                 };
-                let plan = chain.plan(&ctx);
+                let plan = chain.plan_async(&ctx).await;
                 let requirement = match &plan.verdict {
                     Verdict::Require(r) => r.clone(),
                     Verdict::Defer { code, reason } => {
@@ -358,7 +358,8 @@ impl Deliverer {
                             tls_word(&via.tls, via.fallback)
                         );
                         return self
-                            .finish(chain, &ctx, &plan, host, addr, rcpts, results, via, log);
+                            .finish(chain, &ctx, &plan, host, addr, rcpts, results, via, log)
+                            .await;
                     }
                     HostResult::Next { code, reason } => {
                         let _ =
@@ -423,7 +424,7 @@ impl Deliverer {
                 HostResult::Done(results, via) => {
                     let word = tls_word(&via.tls, via.fallback);
                     let _ = write!(log, "{}tls={}:{word}", sep(&log), requirement.level);
-                    return self.finish(chain, ctx, plan, host, *addr, rcpts, results, via, log);
+                    return self.finish(chain, ctx, plan, host, *addr, rcpts, results, via, log).await;
                 }
                 HostResult::Next { code, reason } | HostResult::NextTryingTls { code, reason } => {
                     let _ = write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);
@@ -450,7 +451,7 @@ impl Deliverer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn finish(
+    async fn finish(
         &self,
         chain: &Chain,
         ctx: &Context,
@@ -500,7 +501,7 @@ impl Deliverer {
                 cipher: via.tls.as_ref().map(|t| t.cipher.clone()).unwrap_or_default(),
                 certificate_verified: via.tls.as_ref().is_some_and(|t| t.verified),
             };
-            chain.on_delivered(ctx, &report);
+            chain.on_delivered_async(ctx, &report).await;
         }
         DomainOutcome { recipients, tls_log }
     }
@@ -634,7 +635,7 @@ impl Deliverer {
         failure: Failure,
     ) -> HostResult {
         let (host, addr) = (a.host, a.addr);
-        let response = a.chain.on_failure(a.plan, a.ctx, &failure);
+        let response = a.chain.on_failure_async(a.plan, a.ctx, &failure).await;
         tracing::info!(
             domain = %a.ctx.domain, mx = %host.name, failure = failure.class(), action = %response.action,
             policy = %response.decider, "tls failure"

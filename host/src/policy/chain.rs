@@ -31,13 +31,14 @@ pub const FAULT_CODE: &str = "4.7.0";
 /// The enhanced code of a REQUIRETLS non-delivery (RFC 8689 §5).
 pub const REQUIRETLS_CODE: &str = "5.7.30";
 
-/// The ordered list of loaded policies plus the host's rules.
-#[derive(Debug)]
+/// The ordered list of loaded policies plus the host's rules. Cloning is cheap and shares the
+/// policies and counters (a clone goes with each call to the policy pool).
+#[derive(Clone, Debug)]
 pub struct Chain {
-    policies: Vec<Arc<LoadedPolicy>>,
+    policies: Arc<[Arc<LoadedPolicy>]>,
     default: Requirement,
     tls_required_no: TlsRequiredNo,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 /// Whether a `TLS-Required: No` header may relax a forced requirement to `may`
@@ -175,10 +176,10 @@ impl Chain {
         tls_required_no: TlsRequiredNo,
     ) -> Self {
         Chain {
-            policies,
+            policies: policies.into(),
             default: Requirement::new(default),
             tls_required_no,
-            counters: Counters::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -309,7 +310,7 @@ impl Chain {
     /// Reports a successful delivery to every policy. Faults are logged and counted only: the
     /// message is already delivered.
     pub fn on_delivered(&self, ctx: &Context, report: &DeliveryReport) {
-        for policy in &self.policies {
+        for policy in self.policies.iter() {
             if let Err(fault) = policy.on_delivered(ctx, report) {
                 self.record_fault(policy, &fault);
             }
@@ -346,6 +347,68 @@ impl Chain {
             adjustments: Vec::new(),
             relaxed: false,
         }
+    }
+}
+
+/// The relay's entry points: the same calls, run on the policy pool (see [`super::pool`]), so
+/// that the caller's task waits without holding an async worker, and the policies' store writes
+/// are on disk before the answer is acted upon.
+impl Chain {
+    /// [`Chain::plan`] on the policy pool.
+    pub async fn plan_async(&self, ctx: &Context) -> Plan {
+        let (chain, ctx) = (self.clone(), ctx.clone());
+        match self.off_workers(move || chain.plan(&ctx)).await {
+            Ok(plan) => plan,
+            Err(why) => Plan {
+                verdict: Verdict::Defer { code: FAULT_CODE.to_owned(), reason: why.clone() },
+                decider: Decider::Default,
+                decider_index: None,
+                asked: None,
+                relaxed: false,
+                trace: vec![why],
+                adjustments: Vec::new(),
+            },
+        }
+    }
+
+    /// [`Chain::on_failure`] on the policy pool.
+    pub async fn on_failure_async(&self, plan: &Plan, ctx: &Context, failure: &Failure) -> Response {
+        let (chain, plan2, ctx, failure) = (self.clone(), plan.clone(), ctx.clone(), failure.clone());
+        match self.off_workers(move || chain.on_failure(&plan2, &ctx, &failure)).await {
+            Ok(response) => response,
+            Err(why) => Response {
+                action: Action::defer(FAULT_CODE, why),
+                decider: plan.decider.clone(),
+                adjustments: Vec::new(),
+            },
+        }
+    }
+
+    /// [`Chain::on_delivered`] on the policy pool.
+    pub async fn on_delivered_async(&self, ctx: &Context, report: &DeliveryReport) {
+        let (chain, ctx, report) = (self.clone(), ctx.clone(), report.clone());
+        if let Err(why) = self.off_workers(move || chain.on_delivered(&ctx, &report)).await {
+            tracing::warn!("on-delivered not reported: {why}");
+        }
+    }
+
+    /// Runs `f` (calls into this chain's policies) on the pool, then waits until what they wrote
+    /// to their stores is durable. A chain without policies has nothing to run off the workers.
+    async fn off_workers<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, String> {
+        let Some(first) = self.policies.first() else { return Ok(f()) };
+        let result = first.pool().run(f).await.map_err(|e| {
+            self.counters.faults.fetch_add(1, Ordering::Relaxed);
+            format!("policy call failed: {e}")
+        })?;
+        for policy in self.policies.iter() {
+            if let Some(pending) = policy.kv().pending() {
+                pending.wait().await;
+            }
+        }
+        Ok(result)
     }
 }
 

@@ -16,7 +16,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::{self, Exports};
-use super::gate::Gate;
+use super::pool::CallPool;
 use super::instance::{Limits, LoadedPolicy, Parts, PolicyFault, StoreState};
 use super::kv::KvStore;
 
@@ -33,7 +33,7 @@ pub struct EngineOptions {
     /// Where compiled policies are cached (`None`: no cache).
     pub cache_dir: Option<PathBuf>,
     /// Instance slots of the pooling allocator (pool size). Calls still run at most one per
-    /// CPU: the call gate admits them before their store is created.
+    /// CPU: the policy pool runs them before their store is created.
     pub max_concurrent_calls: u32,
 }
 
@@ -154,7 +154,7 @@ pub struct PolicyEngine {
     large: Arc<OnceLock<Result<Runtime, String>>>,
     slots: u32,
     cache_dir: Option<PathBuf>,
-    gate: Arc<Gate>,
+    pool: Arc<CallPool>,
 }
 
 /// One wasmtime engine with its linker and epoch ticker.
@@ -200,7 +200,7 @@ impl Runtime {
 ///
 /// A guest waits in the host, where no deadline can reach it: epoch interruption fires only in
 /// guest code, and the deadline counts CPU time, which waiting does not use. A Python policy
-/// calling `time.sleep(3)` therefore held its decision (and a slot of the call gate) for three
+/// calling `time.sleep(3)` therefore held its decision (and a thread of the call pool) for three
 /// seconds. Nothing a policy may do needs to wait: it has no sockets or files, and its stdout
 /// and stderr are memory pipes that are always ready. So in a policy, time does not pass by
 /// waiting: sleeps return at once, and a guest that polls in a loop burns its CPU budget and is
@@ -234,7 +234,10 @@ impl PolicyEngine {
             large: Arc::default(),
             slots,
             cache_dir: options.cache_dir.clone(),
-            gate: Arc::new(Gate::per_cpu()),
+            pool: Arc::new(
+                CallPool::per_cpu()
+                    .map_err(|e| LoadError::Engine(format!("cannot start the policy threads: {e}")))?,
+            ),
         })
     }
 
@@ -273,7 +276,7 @@ impl PolicyEngine {
             limits,
             kv: Arc::new(super::kv::MemoryKv::default()),
             sha256: info.sha256,
-            gate: self.gate.clone(),
+            pool: self.pool.clone(),
         };
         LoadedPolicy::unconfigured(parts)
             .instantiate_only()
@@ -303,7 +306,7 @@ impl PolicyEngine {
             limits: source.limits,
             kv,
             sha256: info.sha256.clone(),
-            gate: self.gate.clone(),
+            pool: self.pool.clone(),
         };
         let policy = LoadedPolicy::configure(parts, &source.settings)
             .map_err(|fault| LoadError::Configure { name: name.clone(), fault })?;

@@ -16,7 +16,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::Exports;
-use super::gate::Gate;
+use super::pool::CallPool;
 use super::kv::KvStore;
 use super::types::{Action, Context, Decision, DeliveryReport, Failure};
 
@@ -38,9 +38,9 @@ pub const TABLE_ENTRY_OVERHEAD: usize = 64;
 /// (100,000 domains) that the decisions then read from the host. Decisions must be fast.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Limits {
-    /// CPU-time budget per decision call: the call's thread CPU time, checked at each epoch
-    /// tick (1 ms resolution); time spent waiting for a CPU is not charged, and a wall-clock
-    /// ceiling of 20 budgets (at least 1 s) still ends a starved call (`CpuClock`).
+    /// CPU-time budget per decision call (the CPU time of the thread running it, see
+    /// `CpuClock`; calls run one per CPU on the policy pool), checked by epoch interruption
+    /// (1 ms resolution), with a wall-clock ceiling for a starved machine.
     pub deadline: Duration,
     /// Largest linear memory during a decision call, in bytes.
     pub memory: usize,
@@ -138,7 +138,7 @@ pub struct LoadedPolicy {
     kv: Arc<dyn KvStore>,
     stats: Arc<PolicyStats>,
     sha256: String,
-    gate: Arc<Gate>,
+    pool: Arc<CallPool>,
 }
 
 impl std::fmt::Debug for LoadedPolicy {
@@ -160,7 +160,7 @@ pub(super) struct Parts {
     pub limits: Limits,
     pub kv: Arc<dyn KvStore>,
     pub sha256: String,
-    pub gate: Arc<Gate>,
+    pub pool: Arc<CallPool>,
 }
 
 impl LoadedPolicy {
@@ -193,7 +193,7 @@ impl LoadedPolicy {
             kv: parts.kv,
             stats: Arc::default(),
             sha256: parts.sha256,
-            gate: parts.gate,
+            pool: parts.pool,
         }
     }
 
@@ -220,6 +220,13 @@ impl LoadedPolicy {
     /// Call and fault counters.
     pub fn stats(&self) -> &PolicyStats {
         &self.stats
+    }
+
+    /// The threads the relay runs this policy's calls on (see [`super::pool`]). The methods
+    /// below run on the calling thread: tools and tests call them directly, the relay through
+    /// the chain's `*_async` methods, which use this pool.
+    pub fn pool(&self) -> &Arc<CallPool> {
+        &self.pool
     }
 
     /// Calls `plan`. Returns the decision and the lines the policy logged.
@@ -263,9 +270,6 @@ impl LoadedPolicy {
             true => (self.limits.configure_deadline, self.limits.configure_memory),
             false => (self.limits.deadline, self.limits.memory),
         };
-        // Admitted before the store exists: the deadline below starts counting only once this
-        // call has a CPU (see `gate`).
-        let _permit = self.gate.enter();
         let mut store = Store::new(&self.engine, self.state(configuring, limits));
         store.limiter(|s| &mut s.limiter);
         // The first tick takes the CPU clock's reference (see `CpuClock`).

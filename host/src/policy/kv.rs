@@ -3,11 +3,18 @@
 //! Policies that learn (`tofu`) need memory that survives restarts, but must not get a
 //! filesystem. The relay keeps one small map per policy and persists it itself. The store is a
 //! trait so that a shared backend can later serve several relay nodes.
+//!
+//! Durability: a change is in memory (and seen by every later call) as soon as `kv-set` returns,
+//! and on disk before the relay acts on the answer of the call that made it (the chain's async
+//! entry points wait for [`KvStore::pending`]), and before the store is dropped. The disk work
+//! is done behind the calls, by one thread per store, so a call is never held by a write or an
+//! fsync, and the changes of many calls (a policy writing 200 keys per decision) share one
+//! rewrite.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Largest key accepted, in bytes.
 pub const MAX_KEY: usize = 256;
@@ -26,6 +33,26 @@ pub trait KvStore: Send + Sync {
     fn delete(&self, key: &str) -> Result<bool, KvError>;
     /// Every entry, sorted by key.
     fn entries(&self) -> Vec<(String, String)>;
+    /// The changes made so far that are not on disk yet, if any.
+    fn pending(&self) -> Option<Pending> {
+        None
+    }
+}
+
+/// Changes on their way to disk.
+#[derive(Debug)]
+pub struct Pending {
+    target: u64,
+    done: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Pending {
+    /// Waits until they are written (or their write failed, which is logged).
+    pub async fn wait(mut self) {
+        let target = self.target;
+        // An error means the writer is gone, and with it anything left to wait for.
+        let _ = self.done.wait_for(|done| *done >= target).await;
+    }
 }
 
 /// Why a store operation was refused or failed.
@@ -86,17 +113,39 @@ impl KvStore for MemoryKv {
     }
 }
 
-/// A store persisted as one JSON file, rewritten atomically (write, fsync, rename) on every
-/// change. Policies write rarely (a new fact about a domain), so whole-file rewrites are cheap
-/// and leave no partial state after a crash.
+/// A store persisted as one JSON file, rewritten atomically (write, fsync, rename) behind the
+/// changes by a thread of its own (see the module's durability note). Whole-file rewrites
+/// leave no partial state after a crash.
 #[derive(Debug)]
 pub struct FileKv {
+    shared: Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
     path: PathBuf,
-    map: Mutex<BTreeMap<String, String>>,
+    state: Mutex<State>,
+    /// Signalled on every change, and on stop.
+    changed: Condvar,
+    /// Signalled after every write.
+    written: Condvar,
+    /// The last version written, for async waiters.
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    map: BTreeMap<String, String>,
+    /// Counts changes.
+    version: u64,
+    /// The last version written (or whose write failed).
+    written: u64,
+    stop: bool,
 }
 
 impl FileKv {
-    /// Opens (or creates on first write) the store at `path`.
+    /// Opens (or creates on first write) the store at `path`, and starts its writer thread.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, KvError> {
         let path = path.into();
         let map = match std::fs::read(&path) {
@@ -105,61 +154,136 @@ impl FileKv {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(KvError::Io { path, source }),
         };
-        Ok(FileKv { path, map: Mutex::new(map) })
+        let shared = Arc::new(Shared {
+            path: path.clone(),
+            state: Mutex::new(State { map, version: 0, written: 0, stop: false }),
+            changed: Condvar::new(),
+            written: Condvar::new(),
+            done: tokio::sync::watch::Sender::new(0),
+        });
+        let writer = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("policy-kv".into())
+            .spawn(move || writer.write_behind())
+            .map_err(|source| KvError::Io { path, source })?;
+        Ok(FileKv { shared, writer: Some(writer) })
     }
 
     /// The backing file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
-    fn persist(&self, map: &BTreeMap<String, String>) -> Result<(), KvError> {
+    /// Waits (blocking) until every change made so far is written.
+    pub fn flush(&self) {
+        let mut state = lock(&self.shared.state);
+        let target = state.version;
+        while state.written < target {
+            state = self.shared.written.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn changed(&self, mut state: std::sync::MutexGuard<'_, State>) {
+        state.version += 1;
+        drop(state);
+        self.shared.changed.notify_one();
+    }
+}
+
+impl Shared {
+    /// The writer thread: waits for changes, writes the latest state, until stopped with
+    /// nothing left to write.
+    fn write_behind(&self) {
+        let mut failed = false;
+        loop {
+            let (json, version) = {
+                let mut state = lock(&self.state);
+                while state.version == state.written && !state.stop {
+                    state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                if state.version == state.written && !(state.stop && failed) {
+                    return;
+                }
+                // Serialising a map of strings cannot fail.
+                (serde_json::to_vec_pretty(&state.map).unwrap_or_default(), state.version)
+            };
+            failed = match self.persist(&json) {
+                Ok(()) => false,
+                Err(e) => {
+                    // The change stays in memory and the next one rewrites the whole file;
+                    // a last attempt is made when the store closes.
+                    tracing::error!("policy state not saved: {e}");
+                    true
+                }
+            };
+            let mut state = lock(&self.state);
+            state.written = version;
+            if state.stop && failed {
+                // The last attempt failed too: give up rather than loop.
+                failed = false;
+            }
+            drop(state);
+            self.written.notify_all();
+            self.done.send_replace(version);
+        }
+    }
+
+    fn persist(&self, json: &[u8]) -> Result<(), KvError> {
         let io = |source| KvError::Io { path: self.path.clone(), source };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-        // Serialising a map of strings cannot fail.
-        let json = serde_json::to_vec_pretty(map).unwrap_or_default();
-        tmp.write_all(&json).map_err(io)?;
+        tmp.write_all(json).map_err(io)?;
         tmp.as_file().sync_all().map_err(io)?;
         tmp.persist(&self.path).map_err(|e| io(e.error))?;
         Ok(())
     }
 }
 
+impl Drop for FileKv {
+    fn drop(&mut self) {
+        lock(&self.shared.state).stop = true;
+        self.shared.changed.notify_one();
+        if let Some(writer) = self.writer.take() {
+            // The writer writes what is left, then returns; a panic there was logged already.
+            let _ = writer.join();
+        }
+    }
+}
+
 impl KvStore for FileKv {
     fn get(&self, key: &str) -> Option<String> {
-        lock(&self.map).get(key).cloned()
+        lock(&self.shared.state).map.get(key).cloned()
     }
 
     fn set(&self, key: &str, value: &str) -> Result<(), KvError> {
-        let mut map = lock(&self.map);
-        if map.get(key).is_some_and(|v| v == value) {
+        let mut state = lock(&self.shared.state);
+        if state.map.get(key).is_some_and(|v| v == value) {
             return Ok(());
         }
-        check(&map, key, value)?;
-        let previous = map.insert(key.to_owned(), value.to_owned());
-        if let Err(e) = self.persist(&map) {
-            match previous {
-                Some(previous) => map.insert(key.to_owned(), previous),
-                None => map.remove(key),
-            };
-            return Err(e);
-        }
+        check(&state.map, key, value)?;
+        state.map.insert(key.to_owned(), value.to_owned());
+        self.changed(state);
         Ok(())
     }
 
     fn delete(&self, key: &str) -> Result<bool, KvError> {
-        let mut map = lock(&self.map);
-        if map.remove(key).is_none() {
+        let mut state = lock(&self.shared.state);
+        if state.map.remove(key).is_none() {
             return Ok(false);
         }
-        self.persist(&map)?;
+        self.changed(state);
         Ok(true)
     }
 
     fn entries(&self) -> Vec<(String, String)> {
-        lock(&self.map).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        lock(&self.shared.state).map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    fn pending(&self) -> Option<Pending> {
+        let state = lock(&self.shared.state);
+        (state.version > state.written)
+            .then(|| Pending { target: state.version, done: self.shared.done.subscribe() })
     }
 }
 
@@ -216,6 +340,29 @@ mod tests {
         drop(kv);
         let kv = FileKv::open(&path).unwrap();
         assert_eq!(kv.entries(), [("example.community".to_owned(), "verify;2".to_owned())]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn writes_are_on_disk_once_pending_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("learn.json");
+        let kv = FileKv::open(&path).unwrap();
+        assert!(kv.pending().is_none());
+        for n in 0..200 {
+            kv.set(&format!("k{n}"), "v").unwrap();
+        }
+        // Seen at once by readers, on disk once waited for.
+        assert_eq!(kv.get("k199").as_deref(), Some("v"));
+        kv.pending().expect("200 changes pending").wait().await;
+        let on_disk: BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(on_disk.len(), 200);
+        assert!(kv.pending().is_none());
+        kv.delete("k0").unwrap();
+        kv.flush();
+        let on_disk: BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(on_disk.len(), 199);
     }
 
     #[test]

@@ -7,14 +7,15 @@
 //!   fault classification).
 //! - [`chain`]: the ordered chain, fail-closed handling and the host's overriding rules.
 //! - [`kv`]: the per-policy persistent store.
+//! - [`pool`]: the threads policy calls run on, off the async workers.
 //! - `bindings` (private): `bindgen!` output and conversions.
 
 mod bindings;
 pub mod chain;
 pub mod engine;
-mod gate;
 pub mod instance;
 pub mod kv;
+pub mod pool;
 pub mod types;
 
 use std::path::{Path, PathBuf};
