@@ -424,7 +424,9 @@ impl Deliverer {
                 HostResult::Done(results, via) => {
                     let word = tls_word(&via.tls, via.fallback);
                     let _ = write!(log, "{}tls={}:{word}", sep(&log), requirement.level);
-                    return self.finish(chain, ctx, plan, host, *addr, rcpts, results, via, log).await;
+                    return self
+                        .finish(chain, ctx, plan, host, *addr, rcpts, results, via, log)
+                        .await;
                 }
                 HostResult::Next { code, reason } | HostResult::NextTryingTls { code, reason } => {
                     let _ = write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);

@@ -372,8 +372,14 @@ impl Chain {
     }
 
     /// [`Chain::on_failure`] on the policy pool.
-    pub async fn on_failure_async(&self, plan: &Plan, ctx: &Context, failure: &Failure) -> Response {
-        let (chain, plan2, ctx, failure) = (self.clone(), plan.clone(), ctx.clone(), failure.clone());
+    pub async fn on_failure_async(
+        &self,
+        plan: &Plan,
+        ctx: &Context,
+        failure: &Failure,
+    ) -> Response {
+        let (chain, plan2, ctx, failure) =
+            (self.clone(), plan.clone(), ctx.clone(), failure.clone());
         match self.off_workers(move || chain.on_failure(&plan2, &ctx, &failure)).await {
             Ok(response) => response,
             Err(why) => Response {

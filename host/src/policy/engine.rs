@@ -16,9 +16,9 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::{self, Exports};
-use super::pool::CallPool;
 use super::instance::{Limits, LoadedPolicy, Parts, PolicyFault, StoreState};
 use super::kv::KvStore;
+use super::pool::CallPool;
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(1);
@@ -235,8 +235,9 @@ impl PolicyEngine {
             slots,
             cache_dir: options.cache_dir.clone(),
             pool: Arc::new(
-                CallPool::per_cpu()
-                    .map_err(|e| LoadError::Engine(format!("cannot start the policy threads: {e}")))?,
+                CallPool::per_cpu().map_err(|e| {
+                    LoadError::Engine(format!("cannot start the policy threads: {e}"))
+                })?,
             ),
         })
     }

@@ -16,8 +16,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::Exports;
-use super::pool::CallPool;
 use super::kv::KvStore;
+use super::pool::CallPool;
 use super::types::{Action, Context, Decision, DeliveryReport, Failure};
 
 /// Lines a single call may log; more are dropped (a policy must not flood the log).
