@@ -167,9 +167,9 @@ fn deliver(case: &Case) -> Result<(), String> {
             Verdict::Defer { .. } => return Ok(()),
         };
         let forced = requirement.level.is_forced() || case.requiretls;
-        // `TLS-Required: No` relaxes forced TLS while `honor_tls_required_no` is on, which is
-        // the default today (issue 11 item 7 turns it off); such cases are exempt here.
-        if configured_forced(&case.domain) && !case.tls_required_no && !forced {
+        // `TLS-Required: No` never relaxes locally configured forced TLS by default
+        // (`tls_required_no = "never"`, issue 11 item 7): no case is exempt.
+        if configured_forced(&case.domain) && !forced {
             return Err(format!("configured forced, planned {requirement} ({:?})", plan.trace));
         }
         if case.requiretls && requirement.level < TlsLevel::Verify {
