@@ -901,17 +901,17 @@ impl Config {
             inbound.credentials_file = None;
             // The inbound limits are read per connection and per event: reloadable.
             let limits = InboundConfig::default();
-            inbound.max_connections_per_client = limits.max_connections_per_client.clone();
-            inbound.max_connection_rate_per_client = limits.max_connection_rate_per_client.clone();
-            inbound.limit_exempt_networks = limits.limit_exempt_networks.clone();
-            inbound.max_session_time = limits.max_session_time.clone();
-            inbound.min_data_rate = limits.min_data_rate.clone();
-            inbound.data_rate_grace = limits.data_rate_grace.clone();
-            inbound.auth_failure_limit = limits.auth_failure_limit.clone();
-            inbound.auth_failure_window = limits.auth_failure_window.clone();
-            inbound.auth_failure_delay_ms = limits.auth_failure_delay_ms.clone();
-            inbound.max_errors = limits.max_errors.clone();
-            inbound.bare_newline = limits.bare_newline.clone();
+            inbound.max_connections_per_client = limits.max_connections_per_client;
+            inbound.max_connection_rate_per_client = limits.max_connection_rate_per_client;
+            inbound.limit_exempt_networks = limits.limit_exempt_networks;
+            inbound.max_session_time = limits.max_session_time;
+            inbound.min_data_rate = limits.min_data_rate;
+            inbound.data_rate_grace = limits.data_rate_grace;
+            inbound.auth_failure_limit = limits.auth_failure_limit;
+            inbound.auth_failure_window = limits.auth_failure_window;
+            inbound.auth_failure_delay_ms = limits.auth_failure_delay_ms;
+            inbound.max_errors = limits.max_errors;
+            inbound.bare_newline = limits.bare_newline;
             c.delivery.port = 0;
             c.delivery.dns_servers.clear();
             c.delivery.mx_shuffle_seed = None;
