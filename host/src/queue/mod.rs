@@ -22,7 +22,7 @@ pub mod dsn;
 pub mod schedule;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
