@@ -5,6 +5,7 @@
 //! - [`dsn`]: RFC 3464 bounces and delay warnings.
 //! - [`schedule`]: the in-memory index of what is due when.
 //! - [`commit`]: group commit of accepted messages.
+//! - [`dispatch`]: the active queue: per-destination turns and concurrency windows.
 //! - this module: [`Queue`]: accepting (durably), the scheduler loop, per-recipient outcomes,
 //!   exponential backoff, the maximal lifetime, quarantine of entries that fail their checks.
 //!
@@ -16,20 +17,22 @@
 //! never starts on a message a command is changing.
 
 pub mod commit;
+pub mod dispatch;
 pub mod dsn;
 pub mod schedule;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use self::commit::{Committer, NewBody};
+use self::dispatch::{Dispatch, Feedback};
 use self::schedule::Schedule;
 use self::store::{Envelope, QueueStore, Recipient, RecipientState, StoreError, now};
-use crate::delivery::{Deliverer, Message, Status};
+use crate::delivery::{Deliverer, DomainOutcome, Message, Status};
 use crate::policy::ChainHandle;
 
 /// Retry and lifetime settings (Postfix-like defaults).
@@ -94,34 +97,24 @@ pub struct Queue {
     recent: std::sync::Mutex<std::collections::VecDeque<Attempted>>,
     /// Counters for `/metrics`.
     pub counters: Counters,
-    destinations: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
     schedule: std::sync::Mutex<Schedule>,
     /// `None` only if its thread could not be started; accepts then write one by one.
     committer: Option<Committer>,
     /// Messages claimed by a delivery or a queue command (see the module docs).
-    claims: std::sync::Mutex<std::collections::HashSet<String>>,
+    claims: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
-/// The exclusive right to change one stored message; released on drop.
-pub struct Claim<'a> {
-    queue: &'a Queue,
+/// The exclusive right to change one stored message; released on drop (also when the task
+/// holding it panics).
+pub struct Claim {
+    claims: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     id: String,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
-        lock(&self.queue.claims).remove(&self.id);
+        lock(&self.claims).remove(&self.id);
     }
-}
-
-/// What reading a due message found.
-enum Due {
-    /// Deliver this.
-    Now(Envelope, Vec<u8>),
-    /// Not due before this time.
-    Later(u64),
-    /// Fails its checks: quarantine it, for this reason.
-    Broken(String),
 }
 
 /// How often the scheduler re-reads the whole spool (changes made by `postwarden queue` from
@@ -166,6 +159,94 @@ pub struct Attempted {
 /// How many [`Attempted`] records are kept.
 const RECENT: usize = 10_000;
 
+/// Messages active at once (envelope in memory, deliveries queued or running), as Postfix's
+/// `qmgr_message_active_limit`: a backlog larger than this waits in the spool.
+const ACTIVE_LIMIT: usize = 20_000;
+/// Envelopes read in one trip to the blocking pool when messages become active.
+const LOAD_BATCH: usize = 256;
+
+/// One message in the middle of an attempt, shared by its per-domain jobs.
+struct Active {
+    /// The envelope as read when the attempt began (attempt number already counted).
+    envelope: std::sync::Mutex<Envelope>,
+    /// Seconds since acceptance, when the attempt began.
+    age: u64,
+    /// Read by the first job that starts, kept for the others and for DSNs.
+    body: tokio::sync::OnceCell<Option<Arc<Vec<u8>>>>,
+    /// Jobs not finished yet, and the outcomes of those that were.
+    progress: std::sync::Mutex<(usize, Vec<DomainOutcome>)>,
+    /// The stored envelope plus the deliveries recorded so far in this attempt: written after
+    /// each domain's transaction (RFC 1047: a crash between a next hop's `250` and our record
+    /// is a duplicate), one writer at a time. Bounces are not in it: their DSN is queued first.
+    durable: tokio::sync::Mutex<Envelope>,
+    /// The body failed its check, or is missing: the message went to quarantine, and the end
+    /// of the attempt writes nothing back.
+    quarantined: std::sync::atomic::AtomicBool,
+    /// Held for the whole attempt: queue commands wait their turn (see the module docs).
+    _claim: Claim,
+}
+
+impl Active {
+    /// Ends one job (with its outcome, if it ran); returns the message's id when it was the last.
+    fn finish_one(&self, outcome: Option<DomainOutcome>) -> Option<String> {
+        let mut progress = lock(&self.progress);
+        progress.0 = progress.0.saturating_sub(1);
+        progress.1.extend(outcome);
+        (progress.0 == 0).then(|| lock(&self.envelope).id.clone())
+    }
+}
+
+/// One message to the recipients of one domain.
+struct Job {
+    message: Arc<Active>,
+    domain: String,
+    rcpts: Vec<String>,
+}
+
+/// What activating a batch of due ids produced.
+#[derive(Default)]
+struct Loaded {
+    jobs: Vec<Job>,
+    /// Ids that turned out not to need an attempt now (gone, not due, nothing to do).
+    idle: Vec<String>,
+}
+
+/// How a job ended.
+struct Delivered {
+    feedback: Feedback,
+    /// The message's id, if this job ended its attempt.
+    finished: Option<String>,
+}
+
+/// What a scheduler task returns.
+enum TaskEnd {
+    Loaded(Loaded),
+    Delivered(Delivered),
+    Finished(String),
+}
+
+/// What a scheduler task was started for.
+enum TaskKind {
+    Load(Vec<String>),
+    Deliver(String),
+}
+
+/// What a delivery says about its destination's health: a recipient delivered widens the
+/// window; a deferral of every recipient for a connection that failed (RFC 3463 X.4.1 "no answer
+/// from host", X.4.2 "bad connection": refused, reset, timed out) narrows it; anything else (a
+/// policy's deferral, DNS, a reply refusing a recipient) leaves it.
+fn feedback(outcome: &DomainOutcome) -> Feedback {
+    let mut statuses = outcome.recipients.iter().map(|r| &r.status);
+    if statuses.clone().any(|s| matches!(s, Status::Delivered { .. })) {
+        return Feedback::Widen;
+    }
+    let connection_failed = |s: &Status| matches!(s, Status::Deferred { code, .. } if code == "4.4.1" || code == "4.4.2");
+    match !outcome.recipients.is_empty() && statuses.all(connection_failed) {
+        true => Feedback::Narrow,
+        false => Feedback::Keep,
+    }
+}
+
 impl Queue {
     /// A queue over `store`.
     pub fn new(store: Arc<dyn QueueStore>, options: QueueOptions) -> Arc<Self> {
@@ -178,7 +259,6 @@ impl Queue {
             wake: Notify::new(),
             recent: Default::default(),
             counters: Counters::default(),
-            destinations: Default::default(),
             schedule: Default::default(),
             committer,
             claims: Default::default(),
@@ -186,8 +266,10 @@ impl Queue {
     }
 
     /// Claims message `id` for a change; `None` while a delivery or a command holds it.
-    pub fn claim(&self, id: &str) -> Option<Claim<'_>> {
-        lock(&self.claims).insert(id.to_owned()).then(|| Claim { queue: self, id: id.to_owned() })
+    pub fn claim(&self, id: &str) -> Option<Claim> {
+        lock(&self.claims)
+            .insert(id.to_owned())
+            .then(|| Claim { claims: self.claims.clone(), id: id.to_owned() })
     }
 
     /// Makes message `id` due at `at` in the scheduler's index and wakes the scheduler.
@@ -315,16 +397,24 @@ impl Queue {
         Ok((due, busy))
     }
 
-    /// Runs the scheduler until `shutdown` turns true: due messages are delivered, up to
-    /// `concurrency` at a time; in-flight deliveries finish before it returns.
+    /// Runs the scheduler until `shutdown` turns true: due messages become active (their
+    /// envelope read, one delivery per recipient domain queued for that destination, see
+    /// [`dispatch`]), and deliveries start round-robin across destinations, up to `concurrency`
+    /// at a time and each destination's window. In-flight deliveries finish before it returns;
+    /// a message whose other domains were not started yet records what was done.
     pub async fn run(
         self: Arc<Self>,
         deliverer: Arc<Deliverer>,
         chains: Arc<ChainHandle>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let slots = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
-        let mut in_flight = tokio::task::JoinSet::new();
+        let slots = self.options.concurrency.max(1);
+        let mut dispatch: Dispatch<Job> = Dispatch::new(self.options.per_destination);
+        let mut tasks: tokio::task::JoinSet<TaskEnd> = tokio::task::JoinSet::new();
+        // What each task was doing, to settle the books even if it panicked.
+        let mut kinds: HashMap<tokio::task::Id, TaskKind> = HashMap::new();
+        let mut busy: HashSet<String> = HashSet::new();
+        let mut running = 0usize;
         let mut next_scan = tokio::time::Instant::now();
         loop {
             if *shutdown.borrow() {
@@ -334,22 +424,23 @@ impl Queue {
                 self.scan().await;
                 next_scan = tokio::time::Instant::now() + SCAN_INTERVAL;
             }
-            let t = now();
-            loop {
-                let Some(id) = lock(&self.schedule).pop_due(t) else { break };
-                // A message being delivered (claimed) is rescheduled by its own task when it
-                // finishes; `deliver_due` skips it.
-                if lock(&self.claims).contains(&id) {
-                    continue;
-                }
-                let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                let (queue, deliverer, chains) = (self.clone(), deliverer.clone(), chains.clone());
-                in_flight.spawn(async move {
-                    queue.deliver_due(&id, &deliverer, &chains).await;
-                    drop(permit);
-                });
+            // Envelopes are read in batches, so that deliveries start before a large backlog is
+            // read in full.
+            for batch in self.pop_due(&mut busy).chunks(LOAD_BATCH) {
+                let (queue, ids) = (self.clone(), batch.to_vec());
+                let handle = tasks.spawn(async move { TaskEnd::Loaded(queue.activate(ids).await) });
+                kinds.insert(handle.id(), TaskKind::Load(batch.to_vec()));
             }
-            while in_flight.try_join_next().is_some() {}
+            while running < slots {
+                let Some((domain, job)) = dispatch.start() else { break };
+                running += 1;
+                let (queue, deliverer, chains) = (self.clone(), deliverer.clone(), chains.clone());
+                let handle = tasks.spawn(async move {
+                    let end = queue.deliver(&job, &deliverer, &chains).await;
+                    TaskEnd::Delivered(end)
+                });
+                kinds.insert(handle.id(), TaskKind::Deliver(domain));
+            }
             let until_next = lock(&self.schedule)
                 .next()
                 .map_or(SCAN_INTERVAL, |at| Duration::from_secs(at.saturating_sub(now())));
@@ -357,63 +448,258 @@ impl Queue {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
-                _ = in_flight.join_next(), if !in_flight.is_empty() => {}
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    self.settle(joined, &mut kinds, &mut busy, &mut dispatch, &mut running);
+                }
                 _ = shutdown.changed() => {}
             }
-        }
-        while in_flight.join_next().await.is_some() {}
-    }
-
-    /// Delivers message `id` if it is still due, under its claim. The schedule is a hint:
-    /// another task may have finished this message (removed it, or rescheduled it) since, or a
-    /// queue command changed it; only the stored envelope counts, or a message could be
-    /// delivered twice. The body is checked against the envelope's record first; what fails
-    /// (or has no body, or no parseable envelope) goes to quarantine, never to the next hop.
-    pub async fn deliver_due(&self, id: &str, deliverer: &Deliverer, chains: &ChainHandle) {
-        // Whoever holds the claim reschedules the message when done with it.
-        let Some(claim) = self.claim(id) else { return };
-        // One trip to the blocking pool reads both envelope and body.
-        let read = id.to_owned();
-        let due = self
-            .blocking(move |store| {
-                let fresh = store.envelope(&read)?;
-                if fresh.next_attempt > now() {
-                    return Ok(Due::Later(fresh.next_attempt));
-                }
-                match store.body(&read) {
-                    Ok(body) => Ok(match fresh.check_body(&body) {
-                        Ok(()) => Due::Now(fresh, body),
-                        Err(reason) => Due::Broken(reason),
-                    }),
-                    Err(StoreError::NotFound(_)) => {
-                        Ok(Due::Broken("the message body is missing".to_owned()))
-                    }
-                    Err(e) => Err(e),
-                }
-            })
-            .await;
-        match due {
-            Ok(Due::Now(fresh, body)) => self.attempt(fresh, body, deliverer, chains).await,
-            Ok(Due::Later(at)) => lock(&self.schedule).set(id, at),
-            Ok(Due::Broken(reason)) => self.quarantine(&claim, &reason).await,
-            Err(StoreError::NotFound(_)) => {}
-            Err(e @ StoreError::Corrupt { .. }) => self.quarantine(&claim, &e.to_string()).await,
-            // Transient (I/O): the next scan schedules it again.
-            Err(e) => tracing::error!(%id, "cannot read the message: {e}"),
-        }
-    }
-
-    /// Moves a claimed message to quarantine, logging it once (it leaves the queue, so no
-    /// scan meets it again).
-    async fn quarantine(&self, claim: &Claim<'_>, reason: &str) {
-        let (id, why) = (claim.id.clone(), reason.to_owned());
-        match self.blocking(move |store| store.quarantine(&id, &why)).await {
-            Ok(()) => {
-                self.counters.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(id = %claim.id, reason, "queue entry quarantined, not delivered");
+            // Settle whatever else finished meanwhile before dispatching again.
+            while let Some(joined) = tasks.try_join_next_with_id() {
+                self.settle(joined, &mut kinds, &mut busy, &mut dispatch, &mut running);
             }
-            Err(e) => tracing::error!(id = %claim.id, reason, "cannot quarantine: {e}"),
         }
+        // Deliveries not started stay queued; a message with some domains done records them.
+        self.drain_unstarted(&mut dispatch, &mut tasks);
+        while let Some(joined) = tasks.join_next_with_id().await {
+            self.settle(joined, &mut kinds, &mut busy, &mut dispatch, &mut running);
+            self.drain_unstarted(&mut dispatch, &mut tasks);
+        }
+    }
+
+    /// Due ids not being worked on, at most as many as the active queue has room for; each is
+    /// marked busy until its attempt is over.
+    fn pop_due(&self, busy: &mut HashSet<String>) -> Vec<String> {
+        let t = now();
+        let mut schedule = lock(&self.schedule);
+        let mut batch = Vec::new();
+        while busy.len() < ACTIVE_LIMIT {
+            let Some(id) = schedule.pop_due(t) else { break };
+            // A message being delivered is rescheduled by its own attempt when it ends.
+            if busy.insert(id.clone()) {
+                batch.push(id);
+            }
+        }
+        batch
+    }
+
+    /// Books the end of a task: frees its slot and tells its destination how it went, unmarks
+    /// the message whose attempt it ended, queues the deliveries a load produced.
+    fn settle(
+        &self,
+        joined: Result<(tokio::task::Id, TaskEnd), tokio::task::JoinError>,
+        kinds: &mut HashMap<tokio::task::Id, TaskKind>,
+        busy: &mut HashSet<String>,
+        dispatch: &mut Dispatch<Job>,
+        running: &mut usize,
+    ) {
+        let (id, end) = match joined {
+            Ok((id, end)) => (id, Some(end)),
+            Err(e) => {
+                tracing::error!("scheduler task failed: {e}");
+                (e.id(), None)
+            }
+        };
+        match (kinds.remove(&id), end) {
+            (Some(TaskKind::Deliver(domain)), end) => {
+                *running = running.saturating_sub(1);
+                let (feedback, finished) = match end {
+                    Some(TaskEnd::Delivered(d)) => (d.feedback, d.finished),
+                    _ => (Feedback::Keep, None),
+                };
+                dispatch.done(&domain, feedback);
+                if let Some(message) = finished {
+                    busy.remove(&message);
+                }
+            }
+            (Some(TaskKind::Load(_)), Some(TaskEnd::Loaded(loaded))) => {
+                for job in loaded.jobs {
+                    let domain = job.domain.clone();
+                    dispatch.push(&domain, job);
+                }
+                for id in loaded.idle {
+                    busy.remove(&id);
+                }
+            }
+            // A load that failed leaves its messages to the next scan.
+            (Some(TaskKind::Load(ids)), _) => {
+                for id in ids {
+                    busy.remove(&id);
+                }
+            }
+            (_, Some(TaskEnd::Finished(message))) => {
+                busy.remove(&message);
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads the envelopes of `ids` (one trip to the blocking pool) and turns each due one into
+    /// an attempt: one job per recipient domain. The index is a hint: another task may have
+    /// finished a message since, or `postwarden queue` changed it; only the stored envelope
+    /// counts, or a message could be delivered twice.
+    async fn activate(&self, ids: Vec<String>) -> Loaded {
+        let mut loaded = Loaded::default();
+        // Claimed first: a queue command changing one of these now finishes before its
+        // envelope is read, and no command changes it until the attempt is over.
+        let mut claimed = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.claim(&id) {
+                Some(claim) => claimed.push(claim),
+                None => loaded.idle.push(id),
+            }
+        }
+        let read: Vec<String> = claimed.iter().map(|c| c.id.clone()).collect();
+        let envelopes = self
+            .blocking(move |store| Ok(read.iter().map(|id| store.envelope(id)).collect::<Vec<_>>()))
+            .await;
+        let envelopes = match envelopes {
+            Ok(envelopes) => envelopes,
+            Err(e) => {
+                tracing::error!("cannot read envelopes: {e}");
+                loaded.idle.extend(claimed.iter().map(|c| c.id.clone()));
+                return loaded;
+            }
+        };
+        for (claim, envelope) in claimed.into_iter().zip(envelopes) {
+            let id = claim.id.clone();
+            let mut envelope = match envelope {
+                Ok(envelope) if envelope.next_attempt <= now() => envelope,
+                Ok(envelope) => {
+                    lock(&self.schedule).set(&id, envelope.next_attempt);
+                    loaded.idle.push(id);
+                    continue;
+                }
+                Err(StoreError::NotFound(_)) => {
+                    loaded.idle.push(id);
+                    continue;
+                }
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    self.quarantine(&id, &e.to_string()).await;
+                    loaded.idle.push(id);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(%id, "cannot read envelope: {e}");
+                    loaded.idle.push(id);
+                    continue;
+                }
+            };
+            envelope.attempts += 1;
+            let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for r in envelope.pending() {
+                let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase();
+                by_domain.entry(domain).or_default().push(r.address.clone());
+            }
+            let message = Arc::new(Active {
+                age: now().saturating_sub(envelope.created),
+                durable: tokio::sync::Mutex::new(envelope.clone()),
+                envelope: std::sync::Mutex::new(envelope),
+                body: tokio::sync::OnceCell::new(),
+                progress: std::sync::Mutex::new((by_domain.len(), Vec::new())),
+                quarantined: std::sync::atomic::AtomicBool::new(false),
+                _claim: claim,
+            });
+            if by_domain.is_empty() {
+                // Nothing pending (stored that way by another process): the attempt is over.
+                self.finish(&message).await;
+                loaded.idle.push(id);
+                continue;
+            }
+            for (domain, rcpts) in by_domain {
+                loaded.jobs.push(Job { message: message.clone(), domain, rcpts });
+            }
+        }
+        loaded
+    }
+
+    /// One job: one message to the recipients of one domain. When it is the message's last,
+    /// the attempt's outcome is recorded; before that, its deliveries are recorded at once.
+    async fn deliver(&self, job: &Job, deliverer: &Deliverer, chains: &ChainHandle) -> Delivered {
+        let message = &job.message;
+        let outcome = match self.body(message).await {
+            Some(body) => {
+                let chain = chains.current();
+                let envelope = lock(&message.envelope).clone();
+                let delivery = Message {
+                    mail_from: &envelope.mail_from,
+                    body: &body,
+                    requiretls: envelope.requiretls,
+                    tls_required_no: envelope.tls_required_no,
+                    authenticated: envelope.authenticated,
+                    attempt: envelope.attempts,
+                    age: message.age,
+                };
+                let outcome = deliverer.deliver(&chain, &delivery, &job.domain, &job.rcpts).await;
+                tracing::info!(id = %envelope.id, domain = %job.domain, tls = %outcome.tls_log, "delivery attempt");
+                Some(outcome)
+            }
+            None => None,
+        };
+        let feedback = outcome.as_ref().map_or(Feedback::Keep, feedback);
+        if let Some(outcome) = &outcome {
+            self.record_deliveries(message, outcome).await;
+        }
+        let finished = message.finish_one(outcome);
+        if finished.is_some() {
+            self.finish(message).await;
+        }
+        Delivered { feedback, finished }
+    }
+
+    /// Writes the deliveries of one domain's transaction to disk at once, on top of those
+    /// already recorded in this attempt (RFC 1047: the window for a duplicate after a crash is
+    /// then one transaction, not the whole attempt). Awaited before the job ends, so every such
+    /// write lands before the attempt's final record.
+    async fn record_deliveries(&self, message: &Active, outcome: &DomainOutcome) {
+        let delivered: Vec<_> = outcome
+            .recipients
+            .iter()
+            .filter_map(|r| match &r.status {
+                Status::Delivered { mx, reply, .. } => Some((r.rcpt.clone(), mx, reply)),
+                _ => None,
+            })
+            .collect();
+        if delivered.is_empty() {
+            return;
+        }
+        let mut durable = message.durable.lock().await;
+        for (rcpt, mx, reply) in delivered {
+            if let Some(entry) = durable.rcpts.iter_mut().find(|e| e.address == rcpt) {
+                entry.state = RecipientState::Delivered;
+                entry.last = Some(("2.0.0".into(), format!("delivered to {mx}: {reply}")));
+                entry.tls_log = outcome.tls_log.clone();
+            }
+        }
+        self.save(&durable).await;
+    }
+
+    /// The message's body, read once for all its domains and checked against the length and
+    /// digest recorded at accept. A body that fails (or is missing) is never delivered: the
+    /// message goes to quarantine.
+    async fn body(&self, message: &Active) -> Option<Arc<Vec<u8>>> {
+        let envelope = lock(&message.envelope).clone();
+        message
+            .body
+            .get_or_init(|| async {
+                let read = envelope.id.clone();
+                let broken = match self.blocking(move |store| store.body(&read)).await {
+                    Ok(body) => match envelope.check_body(&body) {
+                        Ok(()) => return Some(Arc::new(body)),
+                        Err(reason) => reason,
+                    },
+                    Err(StoreError::NotFound(_)) => "the message body is missing".to_owned(),
+                    Err(e) => {
+                        // Transient (I/O): the attempt records nothing, the next scan retries.
+                        tracing::error!(id = %envelope.id, "cannot read message: {e}");
+                        return None;
+                    }
+                };
+                message.quarantined.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.quarantine(&envelope.id, &broken).await;
+                None
+            })
+            .await
+            .clone()
     }
 
     /// Reads the whole spool into the schedule, and quarantines envelopes that do not parse.
@@ -431,11 +717,33 @@ impl Queue {
                 for (id, reason) in listing.corrupt {
                     // Claimed elsewhere: that task meets the same corrupt envelope.
                     if let Some(claim) = self.claim(&id) {
-                        self.quarantine(&claim, &reason).await;
+                        self.quarantine(&claim.id, &reason).await;
                     }
                 }
             }
             Err(e) => tracing::error!("queue scan failed: {e}"),
+        }
+    }
+
+    /// Moves a claimed message to quarantine, logging it once (it leaves the queue, so no
+    /// scan meets it again).
+    /// The caller holds the message's claim.
+    async fn quarantine(&self, id: &str, reason: &str) {
+        let (moved, why) = (id.to_owned(), reason.to_owned());
+        match self.blocking(move |store| store.quarantine(&moved, &why)).await {
+            Ok(()) => {
+                self.counters.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(id, reason, "queue entry quarantined, not delivered");
+            }
+            Err(e) => tracing::error!(id, reason, "cannot quarantine: {e}"),
+        }
+    }
+
+    /// Writes `envelope` (an intermediate record of an attempt under way).
+    async fn save(&self, envelope: &Envelope) {
+        let copy = envelope.clone();
+        if let Err(e) = self.blocking(move |store| store.update(&copy)).await {
+            tracing::error!(id = %envelope.id, "cannot record deliveries: {e}");
         }
     }
 
@@ -450,85 +758,41 @@ impl Queue {
             .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
     }
 
-    /// One delivery attempt of one message, recipients grouped by domain.
-    async fn attempt(
-        &self,
-        mut envelope: Envelope,
-        body: Vec<u8>,
-        deliverer: &Deliverer,
-        chains: &ChainHandle,
+    /// Jobs queued but not started at shutdown: each ends without an outcome; a message whose
+    /// last job this was records what its other jobs did.
+    fn drain_unstarted(
+        self: &Arc<Self>,
+        dispatch: &mut Dispatch<Job>,
+        tasks: &mut tokio::task::JoinSet<TaskEnd>,
     ) {
-        envelope.attempts += 1;
-        let age = now().saturating_sub(envelope.created);
-        let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for r in envelope.pending() {
-            let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase();
-            by_domain.entry(domain).or_default().push(r.address.clone());
-        }
-        let chain = chains.current();
-        // The message borrows from copies: the envelope itself takes outcomes meanwhile.
-        let mail_from = envelope.mail_from.clone();
-        let message = Message {
-            mail_from: &mail_from,
-            body: &body,
-            requiretls: envelope.requiretls,
-            tls_required_no: envelope.tls_required_no,
-            authenticated: envelope.authenticated,
-            attempt: envelope.attempts,
-            age,
-        };
-        let mut bounced = Vec::new();
-        // What is on disk should say "delivered" as soon as a next hop said so (RFC 1047: a
-        // crash between its 250 and our record duplicates the message). `durable` is the
-        // envelope as stored plus the deliveries: it is written after each transaction but the
-        // last (that one's record follows at once, below). Bounces are not in it: their DSN is
-        // queued first, and a crash before that must leave them to be tried (and bounced) again.
-        let mut durable = envelope.clone();
-        let mut unsaved = false;
-        let domains = by_domain.len();
-        for (n, (domain, rcpts)) in by_domain.iter().enumerate() {
-            let slot = self.destination(domain);
-            let Ok(_permit) = slot.acquire().await else { continue };
-            let outcome = deliverer.deliver(&chain, &message, domain, rcpts).await;
-            tracing::info!(id = %envelope.id, domain, tls = %outcome.tls_log, "delivery attempt");
-            let delivered = self.apply(&mut envelope, &mut durable, outcome, &mut bounced);
-            unsaved |= delivered;
-            if unsaved && n + 1 < domains {
-                self.save(&durable).await;
-                unsaved = false;
+        for job in dispatch.drain() {
+            if let Some(id) = job.message.finish_one(None) {
+                let queue = self.clone();
+                tasks.spawn(async move {
+                    queue.finish(&job.message).await;
+                    TaskEnd::Finished(id)
+                });
             }
         }
-        let needs_dsn = !bounced.is_empty()
-            || (!envelope.is_done() && age >= self.options.max_lifetime.as_secs())
-            || (self.options.delay_warning.is_some_and(|after| age >= after.as_secs())
-                && !envelope.warned
-                && !envelope.is_done());
-        if unsaved && needs_dsn {
-            // Queuing a DSN takes a sync: record the deliveries before.
-            self.save(&durable).await;
-        }
-        self.finish_attempt(envelope, body, bounced, age).await;
     }
 
-    /// Writes `envelope` (an intermediate record of an attempt under way).
-    async fn save(&self, envelope: &Envelope) {
-        let copy = envelope.clone();
-        if let Err(e) = self.blocking(move |store| store.update(&copy)).await {
-            tracing::error!(id = %envelope.id, "cannot record deliveries: {e}");
+    /// Records the outcome of one attempt of one message: recipient states, counters, DSNs,
+    /// expiry, and either removal or the next attempt's time.
+    async fn finish(&self, message: &Active) {
+        if message.quarantined.load(std::sync::atomic::Ordering::SeqCst) {
+            // Moved out of the queue: nothing is written back.
+            return;
         }
-    }
-
-    /// Applies one domain's outcome to the envelope (and its deliveries to `durable`); counts
-    /// and remembers each. Returns whether anyone was delivered.
-    fn apply(
-        &self,
-        envelope: &mut Envelope,
-        durable: &mut Envelope,
-        outcome: crate::delivery::DomainOutcome,
-        bounced: &mut Vec<dsn::DsnRecipient>,
-    ) -> bool {
-        let mut any = false;
-        {
+        let mut envelope = lock(&message.envelope).clone();
+        let results = std::mem::take(&mut lock(&message.progress).1);
+        if results.is_empty() && !envelope.is_done() {
+            // Nothing was attempted (unreadable body, shutdown): the stored envelope stands, and
+            // the next scan schedules it again.
+            return;
+        }
+        let age = message.age;
+        let mut bounced = Vec::new();
+        for outcome in results {
             for r in outcome.recipients {
                 self.remember(Attempted {
                     id: envelope.id.clone(),
@@ -557,10 +821,6 @@ impl Queue {
                     Status::Delivered { mx, reply, .. } => {
                         entry.state = RecipientState::Delivered;
                         entry.last = Some(("2.0.0".into(), format!("delivered to {mx}: {reply}")));
-                        if let Some(kept) = durable.rcpts.iter_mut().find(|e| e.address == r.rcpt) {
-                            *kept = entry.clone();
-                        }
-                        any = true;
                     }
                     Status::Bounced { code, reason } => {
                         entry.state = RecipientState::Bounced;
@@ -576,18 +836,6 @@ impl Queue {
                 }
             }
         }
-        any
-    }
-
-    /// The end of an attempt: expiry, DSNs, then the envelope's final record (removed when
-    /// done, else rescheduled with backoff).
-    async fn finish_attempt(
-        &self,
-        mut envelope: Envelope,
-        body: Vec<u8>,
-        mut bounced: Vec<dsn::DsnRecipient>,
-        age: u64,
-    ) {
         if !envelope.is_done() && age >= self.options.max_lifetime.as_secs() {
             for entry in envelope.rcpts.iter_mut().filter(|e| e.state == RecipientState::Pending) {
                 entry.state = RecipientState::Bounced;
@@ -601,13 +849,19 @@ impl Queue {
                 });
             }
         }
+        let warn = match (self.options.delay_warning, envelope.warned, envelope.is_done()) {
+            (Some(after), false, false) => age >= after.as_secs(),
+            _ => false,
+        };
+        // DSNs quote the headers; the body was read already unless nothing was pending.
+        let body = match bounced.is_empty() && !warn {
+            true => Arc::default(),
+            false => self.body(message).await.unwrap_or_default(),
+        };
         if !bounced.is_empty() {
             self.notify(&envelope, &body, &bounced).await;
         }
-        if let (Some(after), false, false) =
-            (self.options.delay_warning, envelope.warned, envelope.is_done())
-            && age >= after.as_secs()
-        {
+        if warn {
             let delayed: Vec<_> = envelope
                 .pending()
                 .map(|e| {
@@ -636,14 +890,6 @@ impl Queue {
         if let Err(e) = result {
             tracing::error!(id = %envelope.id, "cannot update the queue: {e}");
         }
-    }
-
-    /// The concurrency limiter of one destination domain.
-    fn destination(&self, domain: &str) -> Arc<Semaphore> {
-        lock(&self.destinations)
-            .entry(domain.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.options.per_destination.max(1))))
-            .clone()
     }
 
     fn remember(&self, attempted: Attempted) {
