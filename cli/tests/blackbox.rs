@@ -59,7 +59,9 @@ ca_files = ["{ca}"]
 [queue]
 dir = "spool"
 min_backoff = 3600
-concurrency = 64
+# Fewer slots than EOD-07's backlog of 20: a relay whose stuck deliveries held their slots
+# would make the healthy CAP-01 wait for them, and fail EOD-07's fairness row.
+concurrency = 16
 
 [inbound]
 listen = "{relay_addr}"

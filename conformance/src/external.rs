@@ -18,6 +18,12 @@
 //! recipients, on each side of the TLS boundary, with what the fleet's servers accepted: a
 //! relay can never have delivered more than the servers took (row `I9`).
 //!
+//! Fairness is judged from the fleet's clocks. A scenario with a backlog (EOD-07: the final dot
+//! is never answered) gets its messages first; once one of them hangs at the dot, the healthy
+//! CAP-01 gets its message, which must be accepted before the relay gives up on any hanging
+//! connection. A relay whose stuck deliveries hold every slot (issue 10 item 3) delivers it
+//! only after the first of them times out, and the row fails saying so.
+//!
 //! Scenarios whose message carries REQUIRETLS are listed but not judged here: RFC 8689 only
 //! lets a relay accept REQUIRETLS over TLS, and this runner submits in plaintext.
 
@@ -51,6 +57,28 @@ pub async fn run_external(
         "black-box mode needs CAP-01 ({SINK}) to receive DSNs"
     );
     let mut submitted = Vec::new();
+    // Backlogs first: their messages hang at the final dot before anything else is submitted.
+    let (backlogs, scenarios): (Vec<Scenario>, Vec<Scenario>) =
+        scenarios.into_iter().partition(|s| s.backlog > 0);
+    for scenario in &backlogs {
+        let expected = expectations.expected(scenario);
+        for n in 1..=scenario.backlog {
+            let local = format!("user{n}");
+            let (rcpt, sender) = addresses(scenario, &local);
+            submit_one(relay, &sender, &rcpt, scenario.id).await?;
+            submitted.push((scenario.clone(), expected.clone(), rcpt, sender));
+        }
+    }
+    let deadline = Instant::now() + window;
+    while !backlogs.iter().all(|s| hanging_at_dot(&fleet.transcript(&s.domain())))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The healthy SINK goes first among the others: it is the domain judged for fairness.
+    let (sink, others): (Vec<Scenario>, Vec<Scenario>) =
+        scenarios.into_iter().partition(|s| s.domain() == SINK);
+    let scenarios: Vec<Scenario> = sink.into_iter().chain(others).collect();
     for scenario in &scenarios {
         let expected = expectations.expected(scenario);
         let locals: Vec<&str> = match &expected {
@@ -58,13 +86,8 @@ pub async fn run_external(
             _ => vec!["user"],
         };
         for local in locals {
-            let rcpt = format!("{local}@{}", scenario.domain());
-            let sender = format!("conformance+{}.{local}@{SINK}", scenario.label);
-            let submit = {
-                let (rcpt, sender, id) = (rcpt.clone(), sender.clone(), scenario.id);
-                tokio::task::spawn_blocking(move || submit(relay, &sender, &rcpt, id)).await?
-            };
-            submit.map_err(|e| anyhow::anyhow!("submitting {rcpt} to {relay}: {e}"))?;
+            let (rcpt, sender) = addresses(scenario, local);
+            submit_one(relay, &sender, &rcpt, scenario.id).await?;
             submitted.push((scenario.clone(), expected.clone(), rcpt, sender));
         }
     }
@@ -135,6 +158,11 @@ pub async fn run_external(
             }),
         }
     }
+    for scenario in &backlogs {
+        if let Some(result) = results.iter_mut().find(|r| r.id == scenario.id) {
+            result.problems.extend(unfair(fleet, scenario));
+        }
+    }
     for result in &mut results {
         result.problems.dedup();
     }
@@ -180,6 +208,80 @@ pub async fn run_external(
         });
     }
     Ok(Report { name: name.to_owned(), results, elapsed: started.elapsed() })
+}
+
+/// The recipient and sender of one submitted message: each message has its own sender, so a
+/// DSN names exactly one.
+fn addresses(scenario: &Scenario, local: &str) -> (String, String) {
+    (
+        format!("{local}@{}", scenario.domain()),
+        format!("conformance+{}.{local}@{SINK}", scenario.label),
+    )
+}
+
+async fn submit_one(
+    relay: SocketAddr,
+    sender: &str,
+    rcpt: &str,
+    id: &'static str,
+) -> anyhow::Result<()> {
+    let (owned_rcpt, owned_sender) = (rcpt.to_owned(), sender.to_owned());
+    tokio::task::spawn_blocking(move || submit(relay, &owned_sender, &owned_rcpt, id))
+        .await?
+        .map_err(|e| anyhow::anyhow!("submitting {rcpt} to {relay}: {e}"))
+}
+
+/// Whether some connection got `354`, sent its body and now waits, open, for the reply to the
+/// final dot (EOD-07 never sends one).
+fn hanging_at_dot(transcript: &Transcript) -> bool {
+    transcript.connections.iter().any(|c| !c.closed() && reached_dot(c))
+}
+
+fn reached_dot(connection: &postwarden_sim::transcript::ConnectionLog) -> bool {
+    connection
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Sent { reply, .. } if reply.starts_with("354")))
+}
+
+/// Fairness (issue 10 item 3), judged from the fleet's clocks: the healthy SINK's message must
+/// have been accepted before the relay gave up on any connection of `backlog` that hung at the
+/// final dot. A relay that lets one destination's stuck deliveries hold every slot delivers it
+/// only once the first of them times out.
+fn unfair(fleet: &Fleet, backlog: &Scenario) -> Vec<String> {
+    let hung = fleet.transcript(&backlog.domain());
+    let first_given_up = hung
+        .connections
+        .iter()
+        .filter(|c| reached_dot(c))
+        .filter_map(postwarden_sim::transcript::ConnectionLog::closed_at)
+        .min();
+    if !hung.connections.iter().any(reached_dot) {
+        return vec![format!(
+            "fairness not judged: none of the {} messages queued here reached the final dot",
+            backlog.backlog
+        )];
+    }
+    let healthy_rcpt = format!("user@{SINK}");
+    let healthy = fleet.transcript(SINK).connections.iter().find_map(|c| {
+        c.first_at(|e| {
+            matches!(e, Event::MessageAccepted { rcpts, .. }
+            if rcpts.iter().any(|r| r.eq_ignore_ascii_case(&healthy_rcpt)))
+        })
+    });
+    match (healthy, first_given_up) {
+        (None, _) => vec![format!(
+            "fairness: the healthy {SINK} never got its message while {} messages hung here",
+            backlog.backlog
+        )],
+        (Some(healthy), Some(given_up)) if given_up < healthy => vec![format!(
+            "fairness: the healthy {SINK} got its message {:.1} s after the relay gave up on a \
+             connection hanging here at the final dot: it waited behind this destination's \
+             backlog",
+            healthy.duration_since(given_up).as_secs_f64()
+        )],
+        _ => Vec::new(),
+    }
 }
 
 /// Recipients the fleet's servers accepted (a positive reply to a final dot after the whole

@@ -2,28 +2,42 @@
 //! `BodyDecoder` (in other chunks).
 //!
 //! Checks: the encoder's output holds CRLF line ends only, ends with the one end-of-data
-//! marker and nowhere earlier; the decoder stops exactly at its end; the decoded message is the
-//! input with its line ends normalised to CRLF (and a final line end added).
+//! marker and nowhere earlier, no line is longer than RFC 5321 allows; the decoder stops exactly
+//! at its end; the decoded message is the input with its line ends normalised to CRLF, long
+//! lines broken (and a final line end added).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use postwarden::inbound::BodyDecoder;
-use postwarden::smtp::DotStuffer;
+use postwarden::smtp::{DotStuffer, MAX_LINE_OCTETS};
 
-/// The input with CRLF, bare CR and bare LF all turned into CRLF, ending in a line end.
+/// The input with CRLF, bare CR and bare LF all turned into CRLF, lines longer than
+/// `MAX_LINE_OCTETS` broken by CRLF and a space (as Postfix does), ending in a line end.
 fn normalised(input: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
+    let mut line = 0;
     let mut i = 0;
     while i < input.len() {
         match input[i] {
             b'\r' => {
                 out.extend_from_slice(b"\r\n");
+                line = 0;
                 if input.get(i + 1) == Some(&b'\n') {
                     i += 1;
                 }
             }
-            b'\n' => out.extend_from_slice(b"\r\n"),
-            b => out.push(b),
+            b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                line = 0;
+            }
+            b => {
+                if line >= MAX_LINE_OCTETS {
+                    out.extend_from_slice(b"\r\n ");
+                    line = 1;
+                }
+                out.push(b);
+                line += 1;
+            }
         }
         i += 1;
     }
@@ -45,6 +59,12 @@ fuzz_target!(|input: &[u8]| {
     }
     stuffer.finish(&mut wire);
 
+    // No line longer than RFC 5321 allows (a stuffed dot not counted).
+    for line in wire.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let dot = usize::from(line.starts_with(b"."));
+        assert!(line.len() - dot <= MAX_LINE_OCTETS, "a line of {} octets", line.len());
+    }
     // Only CRLF line ends, and the terminator appears once, at the very end.
     for (i, &b) in wire.iter().enumerate() {
         if b == b'\n' {

@@ -53,6 +53,9 @@ pub enum Act {
     Reset,
     /// Say nothing for [`crate::server::Timing::tarpit`], then close.
     Tarpit,
+    /// Say nothing until the client closes (at most [`crate::server::Timing::tarpit`]): the
+    /// transcript's `Closed` then marks the moment the client gave up (EOD-07).
+    Hold,
 }
 
 impl Act {
@@ -68,7 +71,7 @@ impl Act {
                 Some(Cow::Borrowed(t.as_ref()))
             }
             Self::Split(parts) => Some(Cow::Owned(parts.concat())),
-            Self::Close | Self::Hangup | Self::Reset | Self::Tarpit => None,
+            Self::Close | Self::Hangup | Self::Reset | Self::Tarpit | Self::Hold => None,
         }
     }
 
@@ -510,6 +513,11 @@ pub struct Scenario {
     /// The message carries REQUIRETLS (RFC 8689): a runner submits it with `MAIL FROM:<..>
     /// REQUIRETLS`, which raises every policy to a verified, REQUIRETLS-advertising next hop.
     pub requiretls: bool,
+    /// Messages a black-box runner submits to this domain before any other scenario's, and
+    /// waits for one of them to hang at the final dot: the healthy CAP-01 must then be
+    /// delivered before the relay gives up on any of them (fairness: a destination that never
+    /// answers must not hold back the others, issue 10 item 3). Zero for most scenarios.
+    pub backlog: usize,
 }
 
 impl Scenario {
@@ -531,7 +539,13 @@ impl Scenario {
             mx: vec![MxSpec::primary()],
             expected,
             requiretls: false,
+            backlog: 0,
         }
+    }
+
+    fn with_backlog(mut self, messages: usize) -> Self {
+        self.backlog = messages;
+        self
     }
 
     fn with_requiretls(mut self) -> Self {
@@ -1387,6 +1401,14 @@ fn smtp_faults() -> Vec<Scenario> {
             Behaviour { dot: Act::Tarpit, ..g() },
             DEFER,
         ),
+        fault(
+            "EOD-07",
+            "no reply to the final dot, ever (the server holds the connection until the client gives up); a black-box runner queues 20 messages here first, and a healthy domain must not wait for them",
+            "RFC 5321 §4.5.3.2; RFC 1047; Postfix qmgr (per-destination concurrency)",
+            Behaviour { dot: Act::Hold, ..g() },
+            DEFER,
+        )
+        .with_backlog(20),
         fault(
             "EOD-05",
             "close after the final dot, before replying",

@@ -293,6 +293,19 @@ impl<'a, S: Socket> Conn<'a, S> {
                 tokio::time::sleep(timing.tarpit).await;
                 return Ok(self.close().await);
             }
+            Act::Hold => {
+                // Whatever the client sends is read and dropped, so the connection ends (and
+                // `Closed` is recorded) the moment the client gives up.
+                let deadline = tokio::time::Instant::now() + timing.tarpit;
+                loop {
+                    let read = self.io.read_buf(self.input.buffer_mut());
+                    match tokio::time::timeout_at(deadline, read).await {
+                        Ok(Ok(0) | Err(_)) => return Ok(Flow::Closed),
+                        Ok(Ok(_)) => drop(self.input.take_all()),
+                        Err(_) => return Ok(self.close().await),
+                    }
+                }
+            }
         }
         Ok(Flow::Continue)
     }

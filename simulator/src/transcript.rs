@@ -86,6 +86,10 @@ pub struct ConnectionLog {
     pub peer: SocketAddr,
     /// What happened, in order.
     pub events: Vec<Event>,
+    /// When each event was recorded (`times[i]` for `events[i]`): a runner orders events of
+    /// different connections by it (fairness: was a healthy message accepted before the relay
+    /// gave up on a hanging connection?).
+    pub times: Vec<std::time::Instant>,
 }
 
 impl ConnectionLog {
@@ -97,6 +101,16 @@ impl ConnectionLog {
     /// Whether the connection has ended.
     pub fn closed(&self) -> bool {
         self.events.last() == Some(&Event::Closed)
+    }
+
+    /// When the connection ended, if it has.
+    pub fn closed_at(&self) -> Option<std::time::Instant> {
+        self.closed().then(|| self.times.last().copied()).flatten()
+    }
+
+    /// When the first event matching `which` was recorded.
+    pub fn first_at(&self, which: impl Fn(&Event) -> bool) -> Option<std::time::Instant> {
+        self.events.iter().position(which).and_then(|i| self.times.get(i).copied())
     }
 
     /// The commands received, with their TLS flag.
@@ -176,8 +190,12 @@ impl Transcripts {
 
     /// Starts the log of a new connection.
     pub(crate) fn open(&self, domain: &str, mx: &str, peer: SocketAddr) -> Recorder {
-        let log =
-            Arc::new(Mutex::new(ConnectionLog { mx: mx.to_owned(), peer, events: Vec::new() }));
+        let log = Arc::new(Mutex::new(ConnectionLog {
+            mx: mx.to_owned(),
+            peer,
+            events: Vec::new(),
+            times: Vec::new(),
+        }));
         lock(&self.inner).entry(domain.to_owned()).or_default().push(log.clone());
         Recorder { log }
     }
@@ -191,7 +209,9 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     pub(crate) fn record(&self, event: Event) {
-        lock(&self.log).events.push(event);
+        let mut log = lock(&self.log);
+        log.events.push(event);
+        log.times.push(std::time::Instant::now());
     }
 }
 

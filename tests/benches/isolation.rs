@@ -66,8 +66,10 @@ fn prefill(rt: &tokio::runtime::Runtime, config: &postwarden::config::Config, rc
                     mail_from: "app@client.example".into(),
                     rcpts: vec![rcpt],
                     body: format!("Subject: m{n}\r\n\r\nhi\r\n").into_bytes(),
+                    staged: None,
                     requiretls: false,
                     tls_required_no: false,
+                    authenticated: false,
                 };
                 queue.accept_durably(message).await.unwrap();
             });
