@@ -59,13 +59,17 @@ pub async fn deliver(
     let policy = if scenario.requiretls { Policy::ForcedVerify } else { policy };
     let mut last = Outcome::DEFER;
     let mut other_failure = false;
-    for mx in &route.mx {
+    // Under O, a host whose TLS failed is kept for a plaintext pass after every host was tried
+    // with TLS (issue 10 item 8), most preferred first.
+    let mut plain_later = Vec::new();
+    for (index, mx) in route.mx.iter().enumerate() {
         let label = mx.host.split('.').next().unwrap_or_default().to_owned();
-        let attempt = attempt(mx, policy, Mode::Starttls, &rcpts, scenario.requiretls).await;
-        let attempt = match attempt {
-            Attempt::TlsFailed if !policy.is_forced() => attempt_plain_reconnect(mx, &rcpts).await,
-            other => other,
-        };
+        let more = index + 1 < route.mx.len();
+        let attempt = attempt(mx, policy, Mode::Starttls, &rcpts, scenario.requiretls, more).await;
+        if matches!(attempt, Attempt::TlsFailed) && !policy.is_forced() {
+            plain_later.push((mx, label));
+            continue;
+        }
         match attempt {
             Attempt::Done(results) => {
                 let results = locals.iter().map(|l| (*l).to_owned()).zip(results).collect();
@@ -78,6 +82,15 @@ pub async fn deliver(
         }
         other_failure = true;
     }
+    for (mx, label) in plain_later {
+        match attempt_plain_reconnect(mx, &rcpts).await {
+            Attempt::Done(results) => {
+                let results = locals.iter().map(|l| (*l).to_owned()).zip(results).collect();
+                return Delivery { results, via: Some(label) };
+            }
+            _ => last = Outcome::DEFER,
+        }
+    }
     if scenario.requiretls && !other_failure {
         last = Outcome::Bounce;
     }
@@ -85,7 +98,7 @@ pub async fn deliver(
 }
 
 async fn attempt_plain_reconnect(mx: &RouteMx, rcpts: &[String]) -> Attempt {
-    attempt(mx, Policy::Opportunistic, Mode::Reconnect, rcpts, false).await
+    attempt(mx, Policy::Opportunistic, Mode::Reconnect, rcpts, false, false).await
 }
 
 /// Sends one command, unless the server already sent something nobody asked for: read as the
@@ -106,6 +119,7 @@ async fn attempt(
     mode: Mode,
     rcpts: &[String],
     requiretls: bool,
+    more_hosts: bool,
 ) -> Attempt {
     let Ok((mut client, greeting)) = connect(mx.addr()).await else {
         return Attempt::Transient;
@@ -122,6 +136,11 @@ async fn attempt(
     }
     let offered = ehlo.as_ref().is_some_and(|r| r.has_capability("STARTTLS"));
     if !offered && !policy.is_forced() {
+        if more_hosts {
+            // O tries TLS at the other hosts before plaintext here (issue 10 item 8).
+            let _ = client.command("QUIT").await;
+            return Attempt::TlsFailed;
+        }
         return transaction(&mut client, rcpts, Outcome::Plain).await;
     }
     let reply = match step(&mut client, "STARTTLS").await {
