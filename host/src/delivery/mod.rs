@@ -305,6 +305,14 @@ impl Deliverer {
         // allows plaintext, most preferred first: the plaintext pass below.
         let mut plaintext_later: Vec<(&MxHost, SocketAddr, Context, Plan, Requirement)> =
             Vec::new();
+        // One envelope for every host and address: the body is scanned for 8-bit octets once.
+        let envelope = Envelope {
+            mail_from: message.mail_from,
+            rcpts,
+            size: message.body.len() as u64,
+            eight_bit: message.body.iter().any(|b| *b >= 0x80),
+            requiretls: message.requiretls,
+        };
         for (index, host) in hosts.iter().enumerate() {
             for &addr in &host.addrs {
                 let ctx = Context {
@@ -339,13 +347,7 @@ impl Deliverer {
                     host,
                     addr,
                     message,
-                    envelope: Envelope {
-                        mail_from: message.mail_from,
-                        rcpts,
-                        size: message.body.len() as u64,
-                        eight_bit: message.body.iter().any(|b| *b >= 0x80),
-                        requiretls: message.requiretls,
-                    },
+                    envelope: envelope.clone(),
                 };
                 let result = self.attempt(&attempt).await;
                 match result {
@@ -408,13 +410,7 @@ impl Deliverer {
                 host,
                 addr: *addr,
                 message,
-                envelope: Envelope {
-                    mail_from: message.mail_from,
-                    rcpts,
-                    size: message.body.len() as u64,
-                    eight_bit: message.body.iter().any(|b| *b >= 0x80),
-                    requiretls: message.requiretls,
-                },
+                envelope: envelope.clone(),
             };
             let result = match self.open(*addr, &host.name).await {
                 Ok(client) => attempt.plaintext(client, Fallback::Reconnect).await,
