@@ -63,8 +63,22 @@ fn policy_work_does_not_hold_inbound_sessions() {
         (calls.saturating_sub(1 + ended), ended) // `configure` was a call too
     };
     let threads = policy.pool().threads() as u64;
-    // Waiting on the counters (nothing to be notified by inside the guest).
-    while in_flight().0 < threads {
+    // Waiting on the counters (nothing to be notified by inside the guest) until every pool
+    // thread is inside a call. No call can end before its 10 s deadline, so one ending first
+    // means the calls could not run side by side. When calls ran on the async workers they
+    // also starved what ends them (the relay stalled outright): the guard turns that hang into
+    // a failure; it is far beyond the milliseconds the pool needs.
+    let guard = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (busy, ended) = in_flight();
+        if busy >= threads {
+            break;
+        }
+        assert_eq!(ended, 0, "a call ended before {threads} ran side by side ({busy} running)");
+        assert!(
+            std::time::Instant::now() < guard,
+            "the relay stalled: {busy} of {threads} policy calls started in 120 s, none ended"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     let (busy, ended_before) = in_flight();
