@@ -105,6 +105,10 @@ pub async fn probe(config: &Config, chain: &Chain, domain: &str) -> anyhow::Resu
                         Check::Down(format!("STARTTLS refused: {}", reply.to_string().trim_end()))
                     }
                     StartTls::Failed(failure) => Check::Down(describe(&failure)),
+                    StartTls::RefusedInTls { reply, .. } => Check::Down(format!(
+                        "refused the session after STARTTLS: {}",
+                        reply.to_string().trim_end()
+                    )),
                     StartTls::OutOfStep(e) => Check::Down(format!("after TLS: {e}")),
                 };
             let label =

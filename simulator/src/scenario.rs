@@ -674,6 +674,7 @@ pub fn catalogue() -> Vec<Scenario> {
     all.extend(multi_mx());
     all.extend(out_of_step());
     all.extend(requiretls());
+    all.extend(refused_in_tls());
     all
 }
 
@@ -1680,5 +1681,76 @@ fn requiretls() -> Vec<Scenario> {
         )
         .with_mx(vec![MxSpec::primary(), MxSpec { name: "mx2", preference: 20, role: MxRole::Play }])
         .with_requiretls(),
+    ]
+}
+
+/// A server that completes the handshake and then refuses the session inside TLS (issue 17
+/// item 1): Postfix with `smtpd_tls_req_ccert = yes` answers the EHLO `421 4.7.1 … No client
+/// certificate presented`, aiosmtpd `421 4.3.2`. That is the host's answer about this client,
+/// not a failure of TLS: a relay that reads it as a lost TLS session reconnects in plaintext
+/// under O (the message goes out in clear to a host that just spoke TLS) and reports 4.7.5
+/// under F/FV. The relay follows the reply: the next MX host, else defer with the server's code
+/// (bounce on 5xx), and never plaintext to that host.
+fn refused_in_tls() -> Vec<Scenario> {
+    let g = Behaviour::good;
+    let ccert = || Behaviour {
+        ehlo_tls: Act::ReplyClose(Cow::Borrowed(
+            "421 4.7.1 {host}: No client certificate presented\r\n",
+        )),
+        ..g()
+    };
+    let via_mx2 =
+        Via { opportunistic: Some("mx2"), forced: Some("mx2"), forced_verify: Some("mx2") };
+    vec![
+        fault(
+            "EHLO-10",
+            "EHLO inside TLS answered `421 4.7.1 … No client certificate presented`, then closed (Postfix `smtpd_tls_req_ccert`): defer with the server's code, never plaintext",
+            "Postfix smtpd_tls_req_ccert; issue 17 item 1",
+            ccert(),
+            Outcome::Defer { code: Some("4.7.1") },
+        ),
+        fault(
+            "EHLO-11",
+            "EHLO inside TLS answered `421 4.3.2 Service not available, closing transmission channel` (aiosmtpd): defer with 4.3.2, never plaintext",
+            "aiosmtpd; RFC 5321 §3.8; issue 17 item 1",
+            Behaviour {
+                ehlo_tls: Act::ReplyClose(Cow::Borrowed(
+                    "421 4.3.2 Service not available, closing transmission channel\r\n",
+                )),
+                ..g()
+            },
+            Outcome::Defer { code: Some("4.3.2") },
+        ),
+        Scenario::new(
+            "EHLO-12",
+            &[S::SmtpFaults, S::MultiMx],
+            "mx1 refuses the session inside TLS (`421 4.7.1`); mx2 is good: TLS via mx2",
+            "RFC 5321 §5.1 (next MX); issue 17 item 1",
+            ccert(),
+            ALL_TLS,
+        )
+        .with_mx(vec![MxSpec::primary(), other("mx2", 20, g())])
+        .via(via_mx2),
+        Scenario::new(
+            "EHLO-13",
+            &[S::SmtpFaults, S::MultiMx],
+            "mx1 refuses the session inside TLS (`421 4.7.1`); mx2 offers no STARTTLS: O delivers in plaintext via mx2, never to mx1; F/FV defer",
+            "issue 17 item 1 (never plaintext to a host that just spoke TLS)",
+            ccert(),
+            Expected::new(Outcome::AnyOf(&[Plain, PlainReconnect]), DEFER, DEFER),
+        )
+        .with_mx(vec![MxSpec::primary(), other("mx2", 20, Behaviour::plain())])
+        .via(Via { opportunistic: Some("mx2"), forced: None, forced_verify: None }),
+        fault(
+            "EHLO-14",
+            "EHLO and HELO inside TLS answered `554 5.7.1 not accepted from this client`: a permanent refusal by the only host, so a bounce",
+            "RFC 5321 §4.2.1, §3.8; Postfix (5xx from the final server bounces); issue 17 item 1",
+            Behaviour {
+                ehlo_tls: r("554 5.7.1 not accepted from this client\r\n"),
+                helo: r("554 5.7.1 not accepted from this client\r\n"),
+                ..g()
+            },
+            Bounce,
+        ),
     ]
 }

@@ -355,3 +355,29 @@ async fn starttls_response_injection_fails_exactly_under_forced_tls() {
         assert!(!mail_sent, "{id}: MAIL was sent");
     }
 }
+
+/// Issue 17 item 1: a server that completes the handshake and then answers the EHLO with
+/// `421 4.7.1 … No client certificate presented` (Postfix with `smtpd_tls_req_ccert`) refused
+/// the session; TLS did not fail. Under `may` the relay used to reconnect in plaintext, and
+/// under a forced level it reported `4.7.5 Lost connection … during TLS`. Now both defer with
+/// the server's own code and reply, and no transaction is ever started in plaintext there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_inside_tls_is_the_servers_answer_not_a_tls_failure() {
+    let (fleet, deliverer) = sim::fleet(&["EHLO-10"]).await.unwrap();
+    for config in [OPPORTUNISTIC, FORCED] {
+        let (chain, _e, _d) = chains::load(config).unwrap();
+        let out = sim::send(&deliverer, &chain, "ehlo-10.sim.test", false, false).await;
+        assert!(
+            matches!(status(&out), Status::Deferred { code, reason } if code == "4.7.1"
+                && reason == "mx1.ehlo-10.sim.test [127.0.0.2] refused the session after \
+                    STARTTLS: 421 4.7.1 mx1.ehlo-10.sim.test: No client certificate presented"),
+            "{out:?}"
+        );
+    }
+    let connections = &fleet.transcript("ehlo-10.sim.test").connections;
+    assert_eq!(connections.len(), 2, "one connection per attempt, no plaintext reconnection");
+    let mail_sent = connections.iter().flat_map(|c| &c.events).any(
+        |e| matches!(e, Event::Received { line, .. } if line.to_ascii_uppercase().starts_with("MAIL")),
+    );
+    assert!(!mail_sent, "a transaction was started at a host that refused the session");
+}

@@ -132,6 +132,16 @@ pub enum SessionError {
         /// The reply, as received.
         reply: String,
     },
+    /// The server refused the session: EHLO answered 4xx, or EHLO and then HELO answered 5xx.
+    /// Said inside TLS, this is the server's answer about this client (Postfix's `421 4.7.1 …
+    /// No client certificate presented`, aiosmtpd's `421 4.3.2`), not a failure of TLS.
+    #[error("{stage} refused: {}", .reply.to_string().trim_end())]
+    Refused {
+        /// The command refused.
+        stage: &'static str,
+        /// The server's reply.
+        reply: Reply,
+    },
     /// A command could not be encoded (an address with control characters, say).
     #[error("cannot send {stage}: {reason}")]
     Command {
@@ -152,6 +162,16 @@ impl SessionError {
             }
             other => Failure::ConnectionLost(other.to_string()),
         }
+    }
+}
+
+/// A 4xx or 5xx to a greeting command is a refusal; any other reply answers nothing we sent.
+fn refusal_or_unexpected(stage: &'static str, reply: Reply) -> SessionError {
+    match reply.severity() {
+        Severity::TransientNegative | Severity::PermanentNegative => {
+            SessionError::Refused { stage, reply }
+        }
+        _ => SessionError::Unexpected { stage, reply: reply.to_string().trim_end().to_owned() },
     }
 }
 
@@ -182,6 +202,16 @@ pub enum StartTls {
     },
     /// The upgrade failed after the 220 or while waiting for it; the connection is gone.
     Failed(Failure),
+    /// TLS is up, and the server refused the session inside it (EHLO answered 4xx, or EHLO
+    /// and HELO 5xx). The host spoke TLS and then said no: its answer to be followed (another
+    /// MX host, or defer or bounce by its reply), never a TLS failure that plaintext could
+    /// route around. The connection is gone.
+    RefusedInTls {
+        /// The server's refusal.
+        reply: Reply,
+        /// The TLS session the refusal came in.
+        info: TlsInfo,
+    },
     /// TLS is up, but the server's replies inside it are out of step (an unsolicited line
     /// before or after the EHLO reply): an SMTP fault of that host, not a TLS failure for the
     /// policy to judge. The connection is gone.
@@ -352,6 +382,18 @@ impl Client<TcpStream> {
                 Box::new(client),
                 TlsInfo { version, cipher, verified, verify_failure, names, chain_len, resumed },
             ),
+            Err(SessionError::Refused { reply, .. }) => StartTls::RefusedInTls {
+                reply,
+                info: TlsInfo {
+                    version,
+                    cipher,
+                    verified,
+                    verify_failure,
+                    names,
+                    chain_len,
+                    resumed,
+                },
+            },
             Err(e @ (SessionError::Desync { .. } | SessionError::Unexpected { .. })) => {
                 StartTls::OutOfStep(e)
             }
@@ -408,15 +450,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.capabilities = Capabilities::default();
                 return Ok(());
             }
-            return Err(SessionError::Command {
-                stage: "HELO",
-                reason: format!("refused: {}", reply.to_string().trim_end()),
-            });
+            return Err(refusal_or_unexpected("HELO", reply));
         }
-        Err(SessionError::Command {
-            stage: "EHLO",
-            reason: format!("unexpected reply: {}", reply.to_string().trim_end()),
-        })
+        Err(refusal_or_unexpected("EHLO", reply))
     }
 
     /// RSET: a parked connection's check before it carries another transaction.

@@ -296,10 +296,11 @@ impl Deliverer {
             }
         };
         let mut last = ("4.4.1".to_owned(), format!("no MX host of {domain} could be reached"));
-        // A host that failed for another reason than REQUIRETLS may qualify later: then the
-        // message is deferred, not bounced.
+        // A host that refused permanently (a 5xx inside TLS; no REQUIRETLS, RFC 8689 §4.2.1)
+        // ends the message only when every host did: one that failed for another reason may
+        // take it later, so then the message is deferred, not bounced.
         let mut other_failure = false;
-        let mut requiretls_refusal = None;
+        let mut permanent_refusal = None;
         let count = u32::try_from(hosts.len()).unwrap_or(u32::MAX);
         // Addresses passed over by `next-mx` after a TLS failure under a requirement that
         // allows plaintext, most preferred first: the plaintext pass below.
@@ -367,8 +368,8 @@ impl Deliverer {
                         let _ =
                             write!(log, "{}tls={}:next({})", sep(&log), requirement.level, code);
                         tracing::info!(domain, mx = %host.name, %addr, %code, "trying next host: {reason}");
-                        if code == REQUIRETLS_CODE {
-                            requiretls_refusal = Some(reason);
+                        if code.starts_with('5') {
+                            permanent_refusal = Some((code, reason));
                         } else {
                             other_failure = true;
                             last = (code, reason);
@@ -437,10 +438,8 @@ impl Deliverer {
                 }
             }
         }
-        let status = match requiretls_refusal {
-            Some(reason) if !other_failure => {
-                Status::Bounced { code: REQUIRETLS_CODE.to_owned(), reason }
-            }
+        let status = match permanent_refusal {
+            Some((code, reason)) if !other_failure => Status::Bounced { code, reason },
             _ => Status::Deferred { code: last.0, reason: last.1 },
         };
         let mut outcome = every(status);
@@ -579,6 +578,24 @@ impl Deliverer {
                     }
                 }
                 StartTls::Failed(failure) => return self.after_failure(a, None, failure).await,
+                StartTls::RefusedInTls { reply, info } => {
+                    // A refusal of this host, in its own words: the next host, or defer (bounce
+                    // on 5xx) once none is left; never plaintext here (`Next`, not
+                    // `NextTryingTls`, keeps it out of the plaintext pass).
+                    let handshakes =
+                        if info.resumed { &self.stats.tls_resumed } else { &self.stats.tls_full };
+                    handshakes.fetch_add(1, Ordering::Relaxed);
+                    let default = if reply.code() >= 500 { "5.0.0" } else { "4.0.0" };
+                    return next(
+                        &code_of(&reply, default),
+                        format!(
+                            "{} [{}] refused the session after STARTTLS: {}",
+                            host.name,
+                            addr.ip(),
+                            text_of(&reply)
+                        ),
+                    );
+                }
                 StartTls::OutOfStep(e) => {
                     return next("4.4.2", format!("{} [{}]: {e}", host.name, addr.ip()));
                 }

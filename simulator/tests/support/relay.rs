@@ -36,6 +36,10 @@ enum Attempt {
     /// The message carries REQUIRETLS and the host does not advertise it after STARTTLS (RFC
     /// 8689 §4.2.1): try the next MX; bounce with 5.7.30 when none qualifies.
     NoRequireTls,
+    /// The host completed the handshake and then refused the session inside TLS (issue 17
+    /// item 1): its answer, never a reason for plaintext there. `code` is the reply's enhanced
+    /// status code; a 5xx refusal ends the message only when every host refused permanently.
+    RefusedInTls { permanent: bool, code: &'static str },
 }
 
 /// The security mode of the session carrying the transaction.
@@ -59,6 +63,7 @@ pub async fn deliver(
     let policy = if scenario.requiretls { Policy::ForcedVerify } else { policy };
     let mut last = Outcome::DEFER;
     let mut other_failure = false;
+    let mut permanent_refusal = false;
     // Under O, a host whose TLS failed is kept for a plaintext pass after every host was tried
     // with TLS (issue 10 item 8), most preferred first.
     let mut plain_later = Vec::new();
@@ -76,6 +81,13 @@ pub async fn deliver(
                 return Delivery { results, via: Some(label) };
             }
             Attempt::NoRequireTls => continue,
+            Attempt::RefusedInTls { permanent: true, .. } => {
+                permanent_refusal = true;
+                continue;
+            }
+            Attempt::RefusedInTls { permanent: false, code } => {
+                last = Outcome::Defer { code: Some(code) };
+            }
             Attempt::NoTls => last = Outcome::DEFER_NO_TLS,
             Attempt::TlsFailed => last = Outcome::DEFER_TLS_FAILED,
             Attempt::Transient => last = Outcome::DEFER,
@@ -91,7 +103,7 @@ pub async fn deliver(
             _ => last = Outcome::DEFER,
         }
     }
-    if scenario.requiretls && !other_failure {
+    if (scenario.requiretls || permanent_refusal) && !other_failure {
         last = Outcome::Bounce;
     }
     Delivery { results: locals.iter().map(|l| ((*l).to_owned(), last)).collect(), via: None }
@@ -170,6 +182,30 @@ async fn attempt(
                 let _ = tls.command("QUIT").await;
                 return Attempt::NoRequireTls;
             }
+        }
+        Ok(reply) if reply.code >= 400 => {
+            // A refusal inside TLS; a 5xx to EHLO gets HELO first.
+            let reply = if reply.code >= 500 {
+                match step(&mut tls, "HELO relay.test").await {
+                    Ok(helo) if helo.code == 250 => {
+                        return transaction(&mut tls, rcpts, Outcome::Tls).await;
+                    }
+                    Ok(helo) if helo.code >= 400 => helo,
+                    _ => return Attempt::Transient,
+                }
+            } else {
+                reply
+            };
+            let code = reply
+                .lines
+                .first()
+                .and_then(|l| l.split(' ').next())
+                .filter(|c| c.split('.').count() == 3)
+                .unwrap_or("4.0.0");
+            return Attempt::RefusedInTls {
+                permanent: reply.code >= 500,
+                code: Box::leak(code.to_owned().into_boxed_str()),
+            };
         }
         Ok(_) => {
             let _ = tls.command("QUIT").await;
