@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 rustup target add wasm32-unknown-unknown wasm32-wasip2 >/dev/null
 ./scripts/polyglot-tools.sh
+# Real peers for the interoperability tests: OpenSSL's s_client (renegotiation).
+command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
 # Build the policy components first: the tests load them (and rebuild them if stale).
 cargo build --locked --profile policy --target wasm32-unknown-unknown \
     -p opportunistic -p forced-tls -p postfix-map -p tofu -p partner

@@ -739,4 +739,84 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=10) as s:
         assert_eq!(subs[0].authenticated_as.as_deref(), Some("bob"));
         assert!(subs[0].tls);
     }
+
+    /// Issue 17 item 2: a TLS 1.2 client asking to renegotiate (`openssl s_client -tls1_2`,
+    /// then `R`) gets rustls's `no_renegotiation` alert at once. The alert used to wait in
+    /// the TLS layer until the relay next wrote, so the client hung until the idle timeout
+    /// (300 s by default; 600 s here). OpenSSL treats the alert as fatal to its renegotiation
+    /// and ends, which is what the test waits for; the guard only turns a hang into a failure.
+    #[tokio::test]
+    async fn a_tls12_renegotiation_request_is_answered_at_once() {
+        use std::io::{Read, Write};
+        use std::process::{Command, Stdio};
+        let server = start(InboundOptions {
+            tls: Some(server_config()),
+            idle_timeout: Duration::from_secs(600),
+            ..options()
+        })
+        .await;
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-tls1_2", "-starttls", "smtp", "-connect"])
+            .arg(server.addr.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl (the command-line tool) is required for this interoperability test");
+        let mut stdout = child.stdout.take().unwrap();
+        // Once s_client prints the session summary, the handshake is done: then ask for the
+        // renegotiation, keeping stdin open (EOF would end s_client on its own).
+        let (seen, mut stdout) = tokio::task::spawn_blocking(move || {
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("Verify return code") {
+                let n = stdout.read(&mut chunk).unwrap();
+                assert!(
+                    n > 0,
+                    "s_client ended before the handshake: {}",
+                    String::from_utf8_lossy(&seen)
+                );
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            (seen, stdout)
+        })
+        .await
+        .unwrap();
+        assert!(
+            String::from_utf8_lossy(&seen).contains("Protocol  : TLSv1.2")
+                || String::from_utf8_lossy(&seen).contains("TLSv1.2"),
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"R\n").unwrap();
+        stdin.flush().unwrap();
+        let waited = tokio::task::spawn_blocking(move || {
+            let guard = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let mut rest = String::new();
+                    let _ = stdout.read_to_string(&mut rest);
+                    let mut err = String::new();
+                    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                    drop(stdin);
+                    return Ok((status, rest, err));
+                }
+                if std::time::Instant::now() > guard {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err("s_client still waiting 60 s after asking to renegotiate");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .await
+        .unwrap();
+        let (_, rest, err) = waited.unwrap();
+        let said = format!("{rest}{err}");
+        assert!(
+            said.contains("RENEGOTIATING") && said.contains("no renegotiation"),
+            "stdout: {rest}\nstderr: {err}"
+        );
+    }
 }

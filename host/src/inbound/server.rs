@@ -256,7 +256,7 @@ impl Connection {
                         Err(expiry)
                     } else {
                         tokio::select! {
-                            read = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)) => {
+                            read = tokio::time::timeout_at(deadline.into(), read_flushing(&mut stream, &mut buf)) => {
                                 read.map_err(|_| expiry)
                             }
                             () = requested(&mut self.shutdown) => {
@@ -510,4 +510,28 @@ impl Connection {
         let _ = tokio::time::timeout(Duration::from_secs(1).min(self.options.idle_timeout), close)
             .await;
     }
+}
+
+/// Reads from `stream`; while no input is there, writes out whatever the TLS layer queued on
+/// its own. Processing input can make rustls queue records that no reply carries: a TLS 1.2
+/// renegotiation request is answered with a `no_renegotiation` alert, which tokio-rustls only
+/// sends with the next write. A client waiting for that alert would otherwise wait until the
+/// idle timeout. On a plain TCP stream, and with nothing queued, the flush does nothing.
+async fn read_flushing<S>(stream: &mut S, buf: &mut [u8]) -> std::io::Result<usize>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    std::future::poll_fn(|cx| {
+        let mut read = tokio::io::ReadBuf::new(&mut *buf);
+        match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            std::task::Poll::Ready(result) => {
+                std::task::Poll::Ready(result.map(|()| read.filled().len()))
+            }
+            std::task::Poll::Pending => match std::pin::Pin::new(&mut *stream).poll_flush(cx) {
+                std::task::Poll::Ready(Err(error)) => std::task::Poll::Ready(Err(error)),
+                _ => std::task::Poll::Pending,
+            },
+        }
+    })
+    .await
 }
