@@ -80,7 +80,8 @@ listen = "{admin_addr}"
         .args(["run", "--config"])
         .arg(&config_path)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("relay.log")).unwrap())
+        .env_remove("NO_COLOR")
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -112,6 +113,16 @@ listen = "{admin_addr}"
     assert!(tls > 30 && bounced >= 4, "tls {tls}, bounced {bounced}:\n{table}");
     // I9 from outside: the relay's delivered count was read and compared.
     assert!(table.lines().any(|l| l.starts_with("I9 ") && l.ends_with("ok")), "{table}");
+
+    // The log, written to a file: no colour codes (those are for a terminal), and the delivery
+    // line names the cipher of the session that took the message (issue 17 item 6).
+    let log = std::fs::read_to_string(dir.path().join("relay.log")).unwrap();
+    assert!(!log.contains('\x1b'), "colour codes in a log file");
+    let delivered = log.lines().find(|l| {
+        l.contains("delivery attempt") && l.contains("cap-01.sim.test") && l.contains("tls1.3")
+    });
+    let delivered = delivered.unwrap_or_else(|| panic!("no TLS delivery line in:\n{log}"));
+    assert!(delivered.contains("cipher=TLS13_"), "{delivered}");
 }
 
 /// A "relay" that answers 250 to everything and delivers nothing.

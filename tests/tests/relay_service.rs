@@ -69,6 +69,12 @@ async fn forced_tls_failure_expires_into_a_dsn_that_never_bounces() {
     );
     assert!(body.contains("TLS is required, but was not offered by mx1.cap-02.sim.test"), "{body}");
     assert!(body.contains("Subject: invoice") && !body.contains("secret"), "headers only: {body}");
+    // Its own Message-ID, naming the original's queue id (issue 17 item 6).
+    let message_id = body.lines().find_map(|l| l.strip_prefix("Message-ID: <")).unwrap_or("");
+    assert!(
+        message_id.starts_with(&format!("{}.", attempts[0].id)) && message_id.contains(".dsn@"),
+        "{body}"
+    );
 
     // Nothing crossed in plaintext to the forced destination.
     let mail_in_plaintext = fleet

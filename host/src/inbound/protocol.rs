@@ -1451,13 +1451,18 @@ impl Session {
         }
         let hash = self.options.credentials.get(user).map(String::as_str);
         let matches = verify_password(hash.unwrap_or(DUMMY_HASH), password);
+        // Logged either way, as Postfix's `sasl_username=` and "authentication failed" lines
+        // are: what fail2ban-style tools and an operator chasing a submitter look for. The
+        // user name comes from the client, so it is logged escaped; the password never is.
         if allowed && hash.is_some() && matches {
+            tracing::info!(user = ?user, "authentication succeeded");
             self.authenticated_as = Some(user.to_owned());
             self.reply(Reply::status(235, (2, 7, 0), "authentication successful"));
             return None;
         }
         self.reply(Reply::status(535, (5, 7, 8), "authentication credentials invalid"));
         self.auth_failures += 1;
+        tracing::warn!(user = ?user, failures = self.auth_failures, "authentication failed");
         if let Some(anvil) = &self.anvil {
             anvil.auth_failed(self.client.ip(), &self.options, Instant::now());
         }

@@ -18,7 +18,9 @@ pub struct DsnRecipient {
     pub diagnostic: String,
 }
 
-/// Builds the DSN message (headers and body, CRLF) for `original` to `to`.
+/// Builds the DSN message (headers and body, CRLF) for `original` to `to`. `message_id` is
+/// the report's own `Message-ID` (RFC 5322 §3.6.4, angle brackets included): without one,
+/// receiving systems add their own or score the report as spam, and replies cannot thread.
 pub fn build(
     reporting_mta: &str,
     to: &str,
@@ -26,6 +28,7 @@ pub fn build(
     original: &[u8],
     recipients: &[DsnRecipient],
     date: &str,
+    message_id: &str,
 ) -> Vec<u8> {
     let boundary = format!("=_postwarden_{original_id}");
     let delayed = recipients.iter().all(|r| r.action == "delayed");
@@ -41,6 +44,7 @@ pub fn build(
          To: <{to}>\r\n\
          Subject: {subject}\r\n\
          Date: {date}\r\n\
+         Message-ID: {message_id}\r\n\
          Auto-Submitted: auto-replied\r\n\
          MIME-Version: 1.0\r\n\
          Content-Type: multipart/report; report-type=delivery-status; boundary=\"{boundary}\"\r\n\
@@ -111,9 +115,11 @@ mod tests {
                 diagnostic: "TLS is required, but was not offered by mx.bank.example".into(),
             }],
             "Mon, 30 Nov 2026 08:00:00 +0000",
+            "<abc.1.dsn@relay.example>",
         );
         let text = String::from_utf8(dsn).unwrap();
         assert!(text.contains("report-type=delivery-status"));
+        assert!(text.contains("\r\nMessage-ID: <abc.1.dsn@relay.example>\r\n"), "{text}");
         assert!(text.contains(
             "Final-Recipient: rfc822; user@bank.example\r\nAction: failed\r\nStatus: 4.7.4\r\n"
         ));

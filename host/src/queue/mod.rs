@@ -630,7 +630,17 @@ impl Queue {
                     age: message.age,
                 };
                 let outcome = deliverer.deliver(&chain, &delivery, &job.domain, &job.rcpts).await;
-                tracing::info!(id = %envelope.id, domain = %job.domain, tls = %outcome.tls_log, "delivery attempt");
+                // The cipher of the session that took the message, as Postfix's `TLS
+                // connection established … with cipher …` line gives it.
+                let cipher = outcome
+                    .recipients
+                    .iter()
+                    .find_map(|r| match &r.status {
+                        Status::Delivered { tls: Some(tls), .. } => Some(tls.cipher.as_str()),
+                        _ => None,
+                    })
+                    .unwrap_or("-");
+                tracing::info!(id = %envelope.id, domain = %job.domain, tls = %outcome.tls_log, cipher = %cipher, "delivery attempt");
                 Some(outcome)
             }
             None => None,
@@ -912,9 +922,16 @@ impl Queue {
             tracing::info!(id = %envelope.id, "not bouncing a bounce");
             return;
         }
-        let date = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc2822)
-            .unwrap_or_default();
+        let now = time::OffsetDateTime::now_utc();
+        let date = now.format(&time::format_description::well_known::Rfc2822).unwrap_or_default();
+        // Unique per report: a message can have a delay warning and one bounce per attempt
+        // that ends recipients, each its own DSN.
+        let message_id = format!(
+            "<{}.{}.dsn@{}>",
+            envelope.id,
+            now.unix_timestamp_nanos(),
+            self.options.hostname
+        );
         let report = dsn::build(
             &self.options.hostname,
             &envelope.mail_from,
@@ -922,6 +939,7 @@ impl Queue {
             body,
             recipients,
             &date,
+            &message_id,
         );
         let message = NewMessage {
             mail_from: String::new(),
