@@ -84,7 +84,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         let shown = requirement.to_string();
         assert!(!shown.contains(|c: char| c.is_control()), "{shown:?}");
         tls()
-            .client_config(&requirement, "example.com", "mx.example.com")
+            .client_config(&requirement, "example.com", "mx.example.com", 25)
             .expect("a valid requirement gives a TLS configuration");
     }
     if validate_action(&action, &requirement, &failure).is_ok() {

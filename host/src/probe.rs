@@ -90,8 +90,9 @@ pub async fn probe(config: &Config, chain: &Chain, domain: &str) -> anyhow::Resu
                     if client.capabilities.starttls { "offered" } else { "NOT offered" }
                 )?;
             }
-            let (tls_config, judge) =
-                tls.client_config(&requirement, domain, &host.name).map_err(anyhow::Error::msg)?;
+            let (tls_config, judge) = tls
+                .client_config(&requirement, domain, &host.name, addr.port())
+                .map_err(anyhow::Error::msg)?;
             let server_name = rustls_pki_types::ServerName::try_from(host.name.clone())
                 .unwrap_or_else(|_| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
             let check =

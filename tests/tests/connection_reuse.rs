@@ -212,3 +212,35 @@ async fn sessions_resume_under_the_same_requirement_only() {
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!((count(&deliverer.stats.tls_full), count(&deliverer.stats.tls_resumed)), (3, 2));
 }
+
+/// Issue 17 item 3: one session cache for every requirement spent each ticket on a handshake
+/// that could not use it (rustls resumes only under the verifier that checked the session), so
+/// deliveries alternating `may` and `verify` to one server never resumed. Now each
+/// configuration keeps its own sessions: after one full handshake per requirement, every
+/// connection resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternating_requirements_to_one_server_both_resume() {
+    let fleet = Fleet::start(FleetOptions {
+        scenarios: Some(vec!["CAP-01".to_owned()]),
+        timing: Timing::fast(),
+        ca: Some(sim::ca().unwrap()),
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let deliverer = deliverer_without_reuse(&fleet);
+    let (opportunistic, _e1, _d1) = chains::load(OPPORTUNISTIC).unwrap();
+    let verify = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n[policy.settings.domains]\n\".sim.test\" = \"verify\"\n";
+    let (verify, _e2, _d2) = chains::load(verify).unwrap();
+    for _ in 0..6 {
+        for chain in [&opportunistic, &verify] {
+            assert!(delivered_over_tls(&sim::send(&deliverer, chain, DOMAIN, false, false).await));
+        }
+    }
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (count(&deliverer.stats.tls_full), count(&deliverer.stats.tls_resumed)),
+        (2, 10),
+        "(full, resumed) handshakes for 12 deliveries"
+    );
+}

@@ -531,16 +531,17 @@ impl Deliverer {
             // sent even when not advertised: a stripped capability must not cost us TLS.
             Failure::StarttlsNotOffered
         } else {
-            let (config, judge) =
-                match self.settings().tls.client_config(requirement, &a.ctx.domain, &host.name) {
-                    Ok(pair) => pair,
-                    Err(reason) => {
-                        return HostResult::Final(Status::Deferred {
-                            code: "4.7.5".into(),
-                            reason,
-                        });
-                    }
-                };
+            let (config, judge) = match self.settings().tls.client_config(
+                requirement,
+                &a.ctx.domain,
+                &host.name,
+                addr.port(),
+            ) {
+                Ok(pair) => pair,
+                Err(reason) => {
+                    return HostResult::Final(Status::Deferred { code: "4.7.5".into(), reason });
+                }
+            };
             let server_name = server_name(&host.name, addr);
             match client.starttls(config, server_name, &judge, &self.helo_name).await {
                 StartTls::Upgraded(mut tls_client, info) => {

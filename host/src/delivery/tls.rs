@@ -14,6 +14,10 @@
 //! TLS sessions resume. rustls resumes a session only under the verifier instance that checked
 //! it, so there is one verifier (and one client configuration) per requirement and set of
 //! acceptable names: a session checked under `may` can never stand in for a `verify` check.
+//! Each configuration has its own session cache, and the server's port is part of the key
+//! (rustls keys sessions by server name only): a ticket is only ever offered where it can
+//! resume. With one cache for everything, alternating `may` and `verify` to one server, or two
+//! servers on one address, spent every ticket on a handshake that could not use it (0 resumed).
 //! The verdict a delivery records is computed from the peer's chain after the handshake, so a
 //! resumed session reports the same verdict as a full one.
 
@@ -30,29 +34,33 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::policy::{Failure, Requirement, TlsLevel, TlsVersion};
 
-/// The trust anchors and session cache shared by every outbound TLS connection.
+/// The trust anchors and the client configurations (each with its session cache) shared by
+/// every outbound TLS connection.
 #[derive(Clone, Debug)]
 pub struct TlsContext {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
-    sessions: Arc<dyn rustls::client::ClientSessionStore>,
     configs: Arc<Mutex<Configs>>,
 }
 
-/// Client configurations by requirement and the names a certificate may match under it.
-type Configs = HashMap<(Requirement, Vec<String>), (Arc<ClientConfig>, CertJudge)>;
+/// Client configurations by requirement, the names a certificate may match under it, and the
+/// server's port.
+type Configs = HashMap<(Requirement, Vec<String>, u16), (Arc<ClientConfig>, CertJudge)>;
 
-/// Most (requirement, names) configurations kept; past this the cache starts over.
+/// Most configurations kept; past this the cache starts over (and its sessions with it).
 const MAX_CONFIGS: usize = 4096;
 
+/// Server names whose sessions one configuration keeps: one MX host under `may`, `encrypt`
+/// and `verify`; the hosts of one domain under `secure` or match names.
+const SESSIONS_PER_CONFIG: usize = 16;
+
 impl TlsContext {
-    /// Trust `roots`. Session tickets are cached (up to 4,096 servers) so that a new
-    /// connection under the same requirement resumes instead of doing a full handshake.
+    /// Trust `roots`. Session tickets are cached per configuration so that a new connection
+    /// under the same requirement to the same server resumes instead of a full handshake.
     pub fn new(roots: RootCertStore) -> Self {
         TlsContext {
             roots: Arc::new(roots),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
-            sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(4096)),
             configs: Arc::default(),
         }
     }
@@ -68,14 +76,16 @@ impl TlsContext {
         TlsContext::new(roots)
     }
 
-    /// A client configuration enforcing `requirement` for a delivery to `mx_host` of `domain`,
-    /// and the judge that gives the verdict on the chain the server presented. Both are shared
-    /// by every connection under the same requirement and names (which lets sessions resume).
+    /// A client configuration enforcing `requirement` for a delivery to `mx_host` (on `port`)
+    /// of `domain`, and the judge that gives the verdict on the chain the server presented.
+    /// Both are shared by every connection under the same requirement and names to the same
+    /// port (which lets sessions resume).
     pub fn client_config(
         &self,
         requirement: &Requirement,
         domain: &str,
         mx_host: &str,
+        port: u16,
     ) -> Result<(Arc<ClientConfig>, CertJudge), String> {
         let names = match requirement.level {
             TlsLevel::Verify | TlsLevel::Secure if !requirement.match_names.is_empty() => {
@@ -84,7 +94,7 @@ impl TlsContext {
             TlsLevel::Secure => vec![domain.to_owned(), format!(".{domain}")],
             _ => vec![mx_host.to_owned()],
         };
-        let key = (requirement.clone(), names);
+        let key = (requirement.clone(), names, port);
         let mut configs = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(found) = configs.get(&key) {
             return Ok(found.clone());
@@ -131,7 +141,9 @@ impl TlsContext {
             .dangerous()
             .with_custom_certificate_verifier(verifier.clone())
             .with_no_client_auth();
-        config.resumption = rustls::client::Resumption::store(self.sessions.clone());
+        config.resumption = rustls::client::Resumption::store(Arc::new(
+            rustls::client::ClientSessionMemoryCache::new(SESSIONS_PER_CONFIG),
+        ));
         Ok((Arc::new(config), CertJudge(verifier)))
     }
 }
