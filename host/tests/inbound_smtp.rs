@@ -882,4 +882,32 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=10) as s:
             "stdout: {rest}\nstderr: {err}"
         );
     }
+
+    /// Issue 17 item 6: a client that offers only TLS 1.1 gets a `protocol_version` alert
+    /// (RFC 8446 §4.2.1, RFC 5246 Appendix E), which tells its operator what to fix. rustls
+    /// alone answered `handshake_failure` (such a client sends no signature algorithms, and
+    /// rustls fails on that first).
+    #[tokio::test]
+    async fn a_tls11_client_is_told_protocol_version() {
+        let server = start(InboundOptions { tls: Some(server_config()), ..options() }).await;
+        let addr = server.addr.to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("openssl")
+                .args(["s_client", "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0", "-starttls", "smtp"])
+                .args(["-connect", &addr])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect(
+                    "openssl (the command-line tool) is required for this interoperability test",
+                )
+        })
+        .await
+        .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains("alert protocol version"), "{said}");
+    }
 }

@@ -34,6 +34,7 @@
 
 mod anvil;
 mod auth;
+mod hello;
 mod net;
 mod protocol;
 mod server;

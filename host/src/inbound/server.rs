@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::anvil::{Anvil, ClientSlot, InboundStats};
+use super::hello::{self, Hello};
 use super::protocol::{Action, PendingSubmission, Reply, Session};
 use super::staging::{self, Sink};
 use super::{InboundOptions, Spool, Submission};
@@ -202,8 +203,20 @@ impl Connection {
         let Some(config) = self.options.tls.clone() else {
             return;
         };
-        let handshake = TlsAcceptor::from(config).accept(stream);
         let (handshake_deadline, _) = self.read_deadline(None);
+        if let Hello::LegacyOnly(version) = first_hello(&stream, handshake_deadline).await {
+            let version = hello::version_name(version);
+            tracing::info!(
+                %version,
+                "tls handshake refused: the client offers only {version} or older; \
+                 TLS 1.2 is the minimum (protocol_version alert sent)"
+            );
+            let mut stream = stream;
+            let _ = stream.write_all(&hello::PROTOCOL_VERSION_ALERT).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        let handshake = TlsAcceptor::from(config).accept(stream);
         let stream = match tokio::time::timeout_at(handshake_deadline.into(), handshake).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
@@ -534,4 +547,22 @@ where
         }
     })
     .await
+}
+
+/// What the client's first TLS record, once it has arrived, says about its versions. One peek,
+/// without consuming anything: a ClientHello from a legacy-only client is a few hundred bytes
+/// and arrives in one segment; if it is not all there, or anything goes wrong, rustls gets the
+/// stream as it is and judges it.
+async fn first_hello(stream: &TcpStream, deadline: Instant) -> Hello {
+    if tokio::time::timeout_at(deadline.into(), stream.readable()).await.is_err() {
+        return Hello::Other;
+    }
+    let mut buf = [0u8; 2048];
+    match stream.peek(&mut buf).await {
+        Ok(n) => match hello::classify(&buf[..n]) {
+            Hello::NeedMore => Hello::Other,
+            verdict => verdict,
+        },
+        Err(_) => Hello::Other,
+    }
 }
