@@ -244,3 +244,52 @@ async fn alternating_requirements_to_one_server_both_resume() {
         "(full, resumed) handshakes for 12 deliveries"
     );
 }
+
+/// Issue 17 item 3, the other half: rustls keys sessions by server name only, so two servers
+/// under one name on different ports (here two fleets, each with its own session keys) took
+/// each other's tickets, and deliveries alternating between them never resumed. The port is
+/// part of the cache's key now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_under_one_name_on_two_ports_both_resume() {
+    let start = || {
+        Fleet::start(FleetOptions {
+            scenarios: Some(vec!["CAP-01".to_owned()]),
+            timing: Timing::fast(),
+            ca: Some(sim::ca().unwrap()),
+            ..FleetOptions::default()
+        })
+    };
+    let (first, second) = (start().await.unwrap(), start().await.unwrap());
+    assert_ne!(first.port(), second.port());
+    let resolver = HickoryResolver::new(&[first.dns_addr()]).unwrap();
+    // `other.example` goes to the same MX name, on the second fleet's port.
+    let routes = HashMap::from([(
+        "other.example".to_owned(),
+        ("mx1.cap-01.sim.test".to_owned(), second.port()),
+    )]);
+    let router = Router::new(Box::new(resolver), first.port(), routes, Some(1));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(first.ca().root_der().clone()).unwrap();
+    let deliverer = Deliverer::new(
+        router,
+        TlsContext::new(roots),
+        Timeouts::all(Duration::from_secs(2)),
+        "relay.test",
+    )
+    .with_reuse(ReuseLimits { idle: Duration::ZERO, ..ReuseLimits::default() });
+    let (opportunistic, _e, _d) = chains::load(OPPORTUNISTIC).unwrap();
+    for _ in 0..6 {
+        for domain in [DOMAIN, "other.example"] {
+            let out = sim::send(&deliverer, &opportunistic, domain, false, false).await;
+            assert!(delivered_over_tls(&out), "{domain}: {out:?}");
+        }
+    }
+    assert_eq!(first.transcript(DOMAIN).connections.len(), 6);
+    assert_eq!(second.transcript(DOMAIN).connections.len(), 6);
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (count(&deliverer.stats.tls_full), count(&deliverer.stats.tls_resumed)),
+        (2, 10),
+        "(full, resumed) handshakes for 12 deliveries"
+    );
+}
