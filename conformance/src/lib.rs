@@ -220,6 +220,7 @@ async fn run_one(
         requiretls: scenario.requiretls,
         tls_required_no: false,
         authenticated: false,
+        smtputf8: false,
         attempt: 1,
         age: 0,
     };

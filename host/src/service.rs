@@ -84,6 +84,7 @@ impl Spool for QueueSpool {
                 // RFC 8689 §5: with REQUIRETLS the header is ignored.
                 tls_required_no: submission.tls_required_no && !submission.requiretls,
                 authenticated: submission.authenticated_as.is_some(),
+                smtputf8: submission.smtputf8,
             };
             queue.accept_durably(message).await.map_err(|e| e.to_string())
         })

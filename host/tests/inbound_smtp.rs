@@ -473,6 +473,40 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=10) as s:
     assert!(body.contains("\r\n.a line with a leading dot\r\n"), "{body}");
 }
 
+/// Issue 17 item 5: Python's smtplib sends internationalised addresses only to a server that
+/// offers SMTPUTF8 (it refused before: "SMTPUTF8 not supported by server"); the relay takes
+/// the message, flagged, with the addresses as they were sent.
+#[tokio::test]
+async fn smtplib_sends_to_an_internationalised_address() {
+    python3();
+    let server = start(options()).await;
+    let script = format!(
+        r#"
+import smtplib
+from email.message import EmailMessage
+from email import policy
+m = EmailMessage(policy=policy.SMTPUTF8)
+m["From"] = "jörg@example.test"
+m["To"] = "müller@bücher.example"
+m["Subject"] = "grüße"
+m.set_content("Hallo.\n")
+with smtplib.SMTP("127.0.0.1", {port}, timeout=10) as s:
+    refused = s.send_message(m)
+    assert refused == {{}}, refused
+"#,
+        port = server.addr.port()
+    );
+    let out = run_python(script).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let subs = server.spool.taken();
+    assert_eq!(subs.len(), 1);
+    assert!(subs[0].smtputf8);
+    assert_eq!(subs[0].mail_from, "jörg@example.test");
+    assert_eq!(subs[0].rcpts, ["müller@bücher.example"]);
+    let body = String::from_utf8_lossy(without_received(&subs[0].body)).into_owned();
+    assert!(body.contains("Subject: grüße"), "{body}");
+}
+
 mod tls {
     //! STARTTLS (RFC 3207) and AUTH (RFC 4954), with a certificate made in process (rcgen,
     //! fixed dates) and a Rust client (tokio-rustls): nothing to install, nothing skipped.

@@ -184,6 +184,8 @@ pub const EHLO_TLS_LOCKSTEP: &str =
     "250-{host}\r\n250-X-REAL-{nonce}\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n";
 /// EHLO reply inside TLS advertising REQUIRETLS (RFC 8689 §3).
 pub const EHLO_TLS_REQUIRETLS: &str = "250-{host}\r\n250-X-REAL-{nonce}\r\n250-PIPELINING\r\n250-REQUIRETLS\r\n250-SIZE 10485760\r\n250 8BITMIME\r\n";
+/// EHLO reply inside TLS advertising SMTPUTF8 (RFC 6531 §3.1).
+pub const EHLO_TLS_SMTPUTF8: &str = "250-{host}\r\n250-X-REAL-{nonce}\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
 /// Positive reply to the final dot, with the queue id.
 pub const QUEUED: &str = "250 2.0.0 Ok: queued as Q-{nonce}\r\n";
 
@@ -789,6 +791,14 @@ fn capabilities() -> Vec<Scenario> {
             "inside TLS, MAIL before EHLO gets `503 5.5.1` (every fake server enforces this)",
             "RFC 3207 §4.2; chrj/smtpd PR #41",
             good(),
+            ALL_TLS,
+        ),
+        Scenario::new(
+            "CAP-12",
+            &[S::Capabilities],
+            "SMTPUTF8 offered inside TLS (a message that needs it may come here; an ASCII one goes as usual)",
+            "RFC 6531 §3.1",
+            Behaviour { ehlo_tls: r(EHLO_TLS_SMTPUTF8), ..good() },
             ALL_TLS,
         ),
     ]

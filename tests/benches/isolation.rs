@@ -70,6 +70,7 @@ fn prefill(rt: &tokio::runtime::Runtime, config: &postwarden::config::Config, rc
                     requiretls: false,
                     tls_required_no: false,
                     authenticated: false,
+                    smtputf8: false,
                 };
                 queue.accept_durably(message).await.unwrap();
             });

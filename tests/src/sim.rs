@@ -52,6 +52,7 @@ pub async fn send(
         requiretls,
         tls_required_no,
         authenticated: false,
+        smtputf8: false,
         attempt: 1,
         age: 0,
     };

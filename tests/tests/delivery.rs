@@ -238,6 +238,7 @@ async fn an_unsendable_recipient_bounces_alone() {
         requiretls: false,
         tls_required_no: false,
         authenticated: false,
+        smtputf8: false,
         attempt: 1,
         age: 0,
     };
@@ -380,4 +381,69 @@ async fn a_refusal_inside_tls_is_the_servers_answer_not_a_tls_failure() {
         |e| matches!(e, Event::Received { line, .. } if line.to_ascii_uppercase().starts_with("MAIL")),
     );
     assert!(!mail_sent, "a transaction was started at a host that refused the session");
+}
+
+/// Issue 17 item 5 (RFC 6531): a message sent with SMTPUTF8 to a UTF-8 address goes with
+/// `SMTPUTF8` to a next hop that offers it (CAP-12), and bounces with 5.6.7 before MAIL at one
+/// that does not (CAP-01), as Postfix does; an ASCII message flagged SMTPUTF8 still goes to
+/// CAP-01, without the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtputf8_goes_where_offered_and_bounces_where_not() {
+    use postwarden::delivery::Message;
+
+    let (fleet, deliverer) = sim::fleet(&["CAP-01", "CAP-12"]).await.unwrap();
+    let (o, _e, _d) = chains::load(OPPORTUNISTIC).unwrap();
+    let body = "From: <jörg@postwarden.test>\r\nSubject: grüße\r\n\r\nhallo\r\n";
+    let message = Message {
+        mail_from: "jörg@postwarden.test",
+        body: body.as_bytes(),
+        requiretls: false,
+        tls_required_no: false,
+        authenticated: false,
+        smtputf8: true,
+        attempt: 1,
+        age: 0,
+    };
+    let mail_lines = |domain: &str| -> Vec<String> {
+        fleet
+            .transcript(domain)
+            .connections
+            .iter()
+            .flat_map(|c| &c.events)
+            .filter_map(|e| match e {
+                Event::Received { line, .. } if line.starts_with("MAIL") => Some(line.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+
+    let rcpts = ["müller@cap-12.sim.test".to_owned()];
+    let out = deliverer.deliver(&o, &message, "cap-12.sim.test", &rcpts).await;
+    assert!(matches!(status(&out), Status::Delivered { tls: Some(_), .. }), "{out:?}");
+    assert_eq!(
+        mail_lines("cap-12.sim.test"),
+        [format!("MAIL FROM:<jörg@postwarden.test> SIZE={} BODY=8BITMIME SMTPUTF8", body.len())]
+    );
+
+    let rcpts = ["müller@cap-01.sim.test".to_owned()];
+    let out = deliverer.deliver(&o, &message, "cap-01.sim.test", &rcpts).await;
+    assert!(
+        matches!(status(&out), Status::Bounced { code, reason } if code == "5.6.7"
+            && reason.contains("SMTPUTF8 is required, but was not offered")),
+        "{out:?}"
+    );
+    assert!(mail_lines("cap-01.sim.test").is_empty(), "MAIL was sent to a server without SMTPUTF8");
+
+    let ascii = Message {
+        mail_from: "sender@postwarden.test",
+        body: b"Subject: plain\r\n\r\nhi\r\n",
+        ..message
+    };
+    let rcpts = ["user@cap-01.sim.test".to_owned()];
+    let out = deliverer.deliver(&o, &ascii, "cap-01.sim.test", &rcpts).await;
+    assert!(matches!(status(&out), Status::Delivered { tls: Some(_), .. }), "{out:?}");
+    assert_eq!(
+        mail_lines("cap-01.sim.test"),
+        [format!("MAIL FROM:<sender@postwarden.test> SIZE={}", ascii.body.len())]
+    );
 }

@@ -44,6 +44,7 @@ fn policy_work_does_not_hold_inbound_sessions() {
                 requiretls: false,
                 tls_required_no: false,
                 authenticated: false,
+                smtputf8: false,
             };
             queue.accept_durably(message).await.unwrap();
         }

@@ -370,3 +370,97 @@ async fn a_quoted_local_part_with_angle_brackets_is_delivered_with_its_co_recipi
     );
     relay.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Issue 17 item 5, end to end: a message submitted with SMTPUTF8 keeps the flag in the spool
+/// and goes on with `SMTPUTF8` where the next hop offers it (CAP-12); where it does not
+/// (CAP-01) the UTF-8 recipient bounces with 5.6.7 and nothing is sent there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtputf8_is_carried_from_submission_to_the_next_hop() {
+    let (fleet, _) = sim::fleet(&["CAP-01", "CAP-12"]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, fleet.ca_pem()).unwrap();
+    let toml = format!(
+        "[[policy]]\nname = \"opportunistic\"\npath = \"{{wasm:opportunistic}}\"\n\
+         [delivery]\nhelo_name = \"relay.postwarden.test\"\nport = {port}\ndns_servers = [\"{dns}\"]\n\
+         [delivery.routes]\n\"client.example\" = \"[127.0.0.1]:1\"\n\
+         [delivery.timeouts]\nconnect = 2\ngreeting = 2\ncommand = 2\ntls_handshake = 2\n\
+         [tls]\nwebpki_roots = false\nca_files = [\"{ca}\"]\n\
+         [queue]\ndir = \"spool\"\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\n",
+        port = fleet.port(),
+        dns = fleet.dns_addr(),
+        ca = ca.display()
+    );
+    let config = chains::config_in(&toml, dir.path()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = Relay::start(&config, listener).await.unwrap();
+
+    let stream = tokio::net::TcpStream::connect(relay.smtp_addr).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut codes = Vec::new();
+    for command in [
+        "",
+        "EHLO app.client.example\r\n",
+        "MAIL FROM:<jörg@client.example> SMTPUTF8\r\n",
+        "RCPT TO:<müller@cap-12.sim.test>\r\n",
+        "RCPT TO:<müller@cap-01.sim.test>\r\n",
+        "DATA\r\n",
+        "From: <jörg@client.example>\r\nSubject: grüße\r\n\r\nhallo\r\n.\r\n",
+        "QUIT\r\n",
+    ] {
+        stream.get_mut().write_all(command.as_bytes()).await.unwrap();
+        loop {
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            assert!(!line.is_empty(), "connection closed after {codes:?}");
+            if line.as_bytes().get(3) == Some(&b' ') {
+                codes.push(line[..3].to_owned());
+                break;
+            }
+        }
+    }
+    assert_eq!(codes, ["220", "250", "250", "250", "250", "354", "250", "221"]);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = |rcpt: &str| relay.queue.recent().into_iter().find(|a| a.rcpt == rcpt);
+    while done("müller@cap-12.sim.test").is_none() || done("müller@cap-01.sim.test").is_none() {
+        assert!(Instant::now() < deadline, "not attempted: {:?}", relay.queue.recent());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let offered = done("müller@cap-12.sim.test").unwrap();
+    assert!(
+        matches!(offered.status, postwarden::delivery::Status::Delivered { tls: Some(_), .. }),
+        "{offered:?}"
+    );
+    let refused = done("müller@cap-01.sim.test").unwrap();
+    assert!(
+        matches!(&refused.status, postwarden::delivery::Status::Bounced { code, .. } if code == "5.6.7"),
+        "{refused:?}"
+    );
+    let mail = |domain: &str| -> Vec<String> {
+        fleet
+            .transcript(domain)
+            .connections
+            .iter()
+            .flat_map(|c| &c.events)
+            .filter_map(|e| match e {
+                postwarden_sim::transcript::Event::Received { line, .. }
+                    if line.starts_with("MAIL") =>
+                {
+                    Some(line.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let sent = mail("cap-12.sim.test");
+    assert!(
+        sent.len() == 1
+            && sent[0].starts_with("MAIL FROM:<jörg@client.example>")
+            && sent[0].ends_with(" SMTPUTF8"),
+        "{sent:?}"
+    );
+    assert!(mail("cap-01.sim.test").is_empty());
+    relay.shutdown(Duration::from_secs(5)).await;
+}

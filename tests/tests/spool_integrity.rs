@@ -30,6 +30,7 @@ fn envelope(id: &str, from: &str, rcpt: &str) -> Envelope {
         requiretls: false,
         tls_required_no: false,
         authenticated: false,
+        smtputf8: false,
         warned: false,
         body_len: None,
         body_sha256: None,

@@ -281,6 +281,11 @@ pub struct Envelope<'a> {
     pub eight_bit: bool,
     /// The message carries REQUIRETLS.
     pub requiretls: bool,
+    /// The sender asked for SMTPUTF8 (RFC 6531): `SMTPUTF8` goes with MAIL where offered.
+    pub smtputf8: bool,
+    /// The message cannot go without SMTPUTF8: it was asked for and an envelope address or a
+    /// header field holds UTF-8. A server that does not offer it gets nothing: 5.6.7.
+    pub needs_smtputf8: bool,
 }
 
 /// The server's verdict on each recipient of a transaction.
@@ -622,11 +627,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         {
             return Ok(envelope.rcpts.iter().map(|_| RcptResult::Bounced(reply.clone())).collect());
         }
+        // RFC 6531 §3.5: a message that needs SMTPUTF8 is not sent to a server without it (the
+        // relay does not downgrade); permanent, as Postfix has it.
+        if envelope.needs_smtputf8
+            && !caps.smtputf8
+            && let Some(reply) = synthetic(SMTPUTF8_REFUSED)
+        {
+            return Ok(envelope.rcpts.iter().map(|_| RcptResult::Bounced(reply.clone())).collect());
+        }
         let mail = Command::Mail {
             from: envelope.mail_from.to_owned(),
             size: caps.size.is_some().then_some(envelope.size),
             body_8bit: envelope.eight_bit && caps.eight_bit_mime,
             requiretls: envelope.requiretls && caps.requiretls,
+            smtputf8: envelope.smtputf8 && caps.smtputf8,
         };
         let encode = |cmd: &Command, out: &mut Vec<u8>, stage| {
             cmd.encode(out).map_err(|e| SessionError::Command { stage, reason: e.to_string() })
@@ -751,6 +765,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 /// "conversion required but not supported").
 const EIGHT_BIT_REFUSED: &str =
     "554 5.6.3 message has 8-bit content and the server does not offer 8BITMIME\r\n";
+
+const SMTPUTF8_REFUSED: &str =
+    "553 5.6.7 SMTPUTF8 is required, but was not offered by the server\r\n";
 
 /// A reply of our own making (for outcomes decided without asking the server).
 fn synthetic(text: &str) -> Option<Reply> {
@@ -911,6 +928,8 @@ mod tests {
                 size: MESSAGE.len() as u64,
                 eight_bit: false,
                 requiretls: false,
+                smtputf8: false,
+                needs_smtputf8: false,
             };
             let result = client.transaction(&envelope, MESSAGE).await;
             let reusable = client.reusable().await;
@@ -1114,6 +1133,8 @@ mod eight_bit_tests {
             size: 20,
             eight_bit: true,
             requiretls: false,
+            smtputf8: false,
+            needs_smtputf8: false,
         };
         let results = client
             .transaction_plaintext(&permit, &envelope, "Subject: \u{e9}\r\n\r\n".as_bytes())

@@ -44,6 +44,8 @@ pub struct Message<'a> {
     pub tls_required_no: bool,
     /// The submitter logged in with SMTP AUTH.
     pub authenticated: bool,
+    /// The sender asked for SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
     /// Delivery attempt number, from 1.
     pub attempt: u32,
     /// Seconds since acceptance.
@@ -223,6 +225,7 @@ impl Deliverer {
             size: None,
             body_8bit: false,
             requiretls: false,
+            smtputf8: message.smtputf8,
         };
         let bounce = |code: &str, reason: String| Status::Bounced { code: code.to_owned(), reason };
         if let Some(e) = unsendable(sender) {
@@ -313,6 +316,8 @@ impl Deliverer {
             size: message.body.len() as u64,
             eight_bit: message.body.iter().any(|b| *b >= 0x80),
             requiretls: message.requiretls,
+            smtputf8: message.smtputf8,
+            needs_smtputf8: message.smtputf8 && needs_smtputf8(message, rcpts),
         };
         for (index, host) in hosts.iter().enumerate() {
             for &addr in &host.addrs {
@@ -747,6 +752,18 @@ impl Attempt<'_> {
             }
         }
     }
+}
+
+/// Whether a message sent with SMTPUTF8 needs it from the next hop (Postfix's rule): UTF-8 in
+/// the sender, in one of these recipients, or in the header section. UTF-8 only in the body
+/// needs 8BITMIME, not SMTPUTF8.
+fn needs_smtputf8(message: &Message<'_>, rcpts: &[String]) -> bool {
+    let body = message.body;
+    let headers_end =
+        body.windows(4).position(|w| w == b"\r\n\r\n").map_or(body.len(), |end| end + 2);
+    !message.mail_from.is_ascii()
+        || rcpts.iter().any(|r| !r.is_ascii())
+        || !body[..headers_end].is_ascii()
 }
 
 /// RFC 8689 §4.2.1: a next hop that does not advertise REQUIRETLS after STARTTLS does not

@@ -292,6 +292,8 @@ pub struct Submission {
     /// The header block holds `TLS-Required: No` (RFC 8689 §5). When `requiretls` is also
     /// set, RFC 8689 says the header field is to be ignored; that decision is the queue's.
     pub tls_required_no: bool,
+    /// `MAIL FROM:<..> SMTPUTF8` was given (RFC 6531): addresses and headers may hold UTF-8.
+    pub smtputf8: bool,
     /// The client's address.
     pub client: SocketAddr,
     /// The message arrived over TLS (STARTTLS).

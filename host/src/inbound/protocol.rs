@@ -178,13 +178,17 @@ pub struct MailParams {
     pub requiretls: bool,
     /// `AUTH=...` (RFC 4954 §5) was given; its value is not used.
     pub auth: bool,
+    /// `SMTPUTF8` (RFC 6531): addresses and headers may hold UTF-8.
+    pub smtputf8: bool,
 }
 
 /// Parses one command line, without its CRLF.
 ///
 /// The verb is case-insensitive. The error is the reply to send: `500 5.5.1` for an unknown
-/// verb, `501` for bad syntax, `553 5.6.7` for a non-ASCII address (SMTPUTF8 is not offered),
-/// `555 5.5.4` for an unknown or unsupported MAIL or RCPT parameter.
+/// verb, `501` for bad syntax, `553 5.6.7` for a non-ASCII sender without `SMTPUTF8` (RFC 6531
+/// §3.4; a recipient is judged against its transaction by the session), `555 5.5.4` for an
+/// unknown or unsupported MAIL or RCPT parameter. Addresses may hold UTF-8 (RFC 6531 §3.3);
+/// nothing else may.
 pub fn parse_command(line: &[u8]) -> Result<Command, Reply> {
     let (verb, rest) = match line.iter().position(|&b| b == b' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
@@ -192,18 +196,14 @@ pub fn parse_command(line: &[u8]) -> Result<Command, Reply> {
     };
     let verb = verb.to_ascii_uppercase();
     let is_path_command = matches!(verb.as_slice(), b"MAIL" | b"RCPT");
-    if !rest.is_ascii() {
-        return Err(if is_path_command {
-            Reply::status(553, (5, 6, 7), "non-ASCII address; SMTPUTF8 is not offered")
-        } else {
-            syntax("non-ASCII characters in command")
-        });
+    if !rest.is_ascii() && !is_path_command {
+        return Err(syntax("non-ASCII characters in command"));
     }
-    if rest.iter().any(|&b| b.is_ascii_control()) {
+    let rest = std::str::from_utf8(rest)
+        .map_err(|_| Reply::status(553, (5, 6, 7), "address is not valid UTF-8"))?;
+    if rest.chars().any(char::is_control) {
         return Err(syntax("control characters in command"));
     }
-    // Checked just above: every byte is ASCII.
-    let rest = std::str::from_utf8(rest).map_err(|_| syntax("non-ASCII characters"))?;
     let rest = rest.trim_end_matches(' ');
     match verb.as_slice() {
         b"EHLO" => Ok(Command::Ehlo(helo_domain(rest)?)),
@@ -212,12 +212,19 @@ pub fn parse_command(line: &[u8]) -> Result<Command, Reply> {
             let rest = strip_prefix_ci(rest, "FROM:")
                 .ok_or_else(|| syntax("expected MAIL FROM:<address>"))?;
             let (from, params) = parse_path(rest, PathRole::Sender)?;
-            Ok(Command::Mail { from, params: parse_mail_params(params)? })
+            let params = parse_mail_params(params)?;
+            if !from.is_ascii() && !params.smtputf8 {
+                return Err(Reply::status(553, (5, 6, 7), "non-ASCII address needs SMTPUTF8"));
+            }
+            Ok(Command::Mail { from, params })
         }
         b"RCPT" => {
             let rest =
                 strip_prefix_ci(rest, "TO:").ok_or_else(|| syntax("expected RCPT TO:<address>"))?;
             let (to, params) = parse_path(rest, PathRole::Recipient)?;
+            if !params.is_ascii() {
+                return Err(syntax("non-ASCII characters in a parameter"));
+            }
             if let Some(param) = params.split(' ').find(|p| !p.is_empty()) {
                 let key = param.split('=').next().unwrap_or(param);
                 return Err(unsupported_param(key));
@@ -374,7 +381,7 @@ fn valid_mailbox(mailbox: &str) -> bool {
     let Some((local, domain)) = mailbox.rsplit_once('@') else {
         return false;
     };
-    if local.is_empty() || !valid_domain(domain, false) {
+    if local.is_empty() || !valid_mailbox_domain(domain) {
         return false;
     }
     // An address literal in a mailbox is an IP address (`[192.0.2.1]`, `[IPv6:2001:db8::1]`):
@@ -401,11 +408,35 @@ fn valid_mailbox(mailbox: &str) -> bool {
         }
         !escaped
     } else {
-        local.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b))
+        // RFC 6531 §3.3: atext also takes any UTF-8 beyond ASCII.
+        local.chars().all(|c| {
+            c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c) || !c.is_ascii()
+        })
     }
 }
 
+/// A mailbox's domain: as [`valid_domain`], and U-labels too (RFC 6531 §3.3, `sub-domain =/
+/// U-label`): any character beyond ASCII that is not a control or a space.
+fn valid_mailbox_domain(domain: &str) -> bool {
+    if domain.is_ascii() {
+        return valid_domain(domain, false);
+    }
+    domain.len() <= MAX_DOMAIN_LEN
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.chars().count() <= 63
+                && label.chars().all(|c| {
+                    c.is_ascii_alphanumeric()
+                        || c == '-'
+                        || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+                })
+        })
+}
+
 fn parse_mail_params(text: &str) -> Result<MailParams, Reply> {
+    if !text.is_ascii() {
+        return Err(syntax("non-ASCII characters in a parameter"));
+    }
     let mut params = MailParams::default();
     let mut seen: Vec<String> = Vec::new();
     for param in text.split(' ').filter(|p| !p.is_empty()) {
@@ -436,8 +467,9 @@ fn parse_mail_params(text: &str) -> Result<MailParams, Reply> {
                 return Err(Reply::status(555, (5, 5, 4), "BODY value not supported"));
             }
             ("REQUIRETLS", None) => params.requiretls = true,
+            ("SMTPUTF8", None) => params.smtputf8 = true,
             ("AUTH", Some(_)) => params.auth = true,
-            ("SIZE" | "BODY" | "AUTH", None) | ("REQUIRETLS", Some(_)) => {
+            ("SIZE" | "BODY" | "AUTH", None) | ("REQUIRETLS" | "SMTPUTF8", Some(_)) => {
                 return Err(syntax("malformed parameter value"));
             }
             _ => return Err(unsupported_param(&key)),
@@ -481,6 +513,7 @@ pub struct PendingSubmission {
     size: usize,
     requiretls: bool,
     tls_required_no: bool,
+    smtputf8: bool,
     trace: Trace,
 }
 
@@ -521,6 +554,7 @@ impl PendingSubmission {
             staged: Some(staged),
             requiretls: self.requiretls,
             tls_required_no: self.tls_required_no,
+            smtputf8: self.smtputf8,
             client: self.trace.client,
             tls: self.trace.tls.is_some(),
             authenticated_as: self.trace.authenticated_as,
@@ -541,7 +575,7 @@ impl PendingSubmission {
     /// The submission for the spool, with a `Received:` line (RFC 5321 §4.4) for
     /// `received_at` prepended to the body.
     pub fn into_submission(self, received_at: SystemTime) -> Submission {
-        let header = received_header(&self.trace, &self.rcpts, received_at);
+        let header = received_header(&self.trace, &self.rcpts, self.smtputf8, received_at);
         let mut body = Vec::with_capacity(header.len() + self.body.len());
         body.extend_from_slice(header.as_bytes());
         body.extend_from_slice(&self.body);
@@ -552,6 +586,7 @@ impl PendingSubmission {
             staged: None,
             requiretls: self.requiretls,
             tls_required_no: self.tls_required_no,
+            smtputf8: self.smtputf8,
             client: self.trace.client,
             tls: self.trace.tls.is_some(),
             authenticated_as: self.trace.authenticated_as,
@@ -576,14 +611,18 @@ impl fmt::Debug for PendingSubmission {
 
 /// `Received: from helo ([ip]) by host with ESMTPSA (tls) for <rcpt>; date`. The `for`
 /// clause is only written for a single recipient, so the line does not list Bcc recipients.
-fn received_header(trace: &Trace, rcpts: &[String], at: SystemTime) -> String {
+fn received_header(trace: &Trace, rcpts: &[String], utf8: bool, at: SystemTime) -> String {
     let ip = match trace.client.ip().to_canonical() {
         IpAddr::V4(ip) => format!("[{ip}]"),
         IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
     };
-    // RFC 3848 protocol types.
+    // RFC 3848 protocol types; RFC 6531 §3.7.3 for a transaction with SMTPUTF8.
     let protocol = match (trace.extended, trace.tls.is_some(), trace.authenticated_as.is_some()) {
         (false, _, _) => "SMTP",
+        (true, false, false) if utf8 => "UTF8SMTP",
+        (true, true, false) if utf8 => "UTF8SMTPS",
+        (true, false, true) if utf8 => "UTF8SMTPA",
+        (true, true, true) if utf8 => "UTF8SMTPSA",
         (true, false, false) => "ESMTP",
         (true, true, false) => "ESMTPS",
         (true, false, true) => "ESMTPA",
@@ -913,6 +952,7 @@ struct Transaction {
     from: String,
     rcpts: Vec<String>,
     requiretls: bool,
+    smtputf8: bool,
 }
 
 enum Line {
@@ -1194,6 +1234,7 @@ impl Session {
             format!("SIZE {}", self.options.max_message_size),
             "8BITMIME".to_owned(),
             "ENHANCEDSTATUSCODES".to_owned(),
+            "SMTPUTF8".to_owned(),
         ];
         if self.options.tls.is_some() && self.tls.is_none() {
             lines.push("STARTTLS".to_owned());
@@ -1224,8 +1265,12 @@ impl Session {
             self.reply(Reply::status(552, (5, 3, 4), "message size exceeds the limit"));
             return None;
         }
-        self.transaction =
-            Some(Transaction { from, rcpts: Vec::new(), requiretls: params.requiretls });
+        self.transaction = Some(Transaction {
+            from,
+            rcpts: Vec::new(),
+            requiretls: params.requiretls,
+            smtputf8: params.smtputf8,
+        });
         self.reply(Reply::status(250, (2, 1, 0), "sender ok"));
         None
     }
@@ -1240,6 +1285,9 @@ impl Session {
         // client cannot probe for ever.
         let reply = if !may_relay {
             return self.error(Reply::status(554, (5, 7, 1), "relaying denied"));
+        } else if !to.is_ascii() && !transaction.smtputf8 {
+            // RFC 6531 §3.4: UTF-8 addresses only in a transaction that asked for SMTPUTF8.
+            Reply::status(553, (5, 6, 7), "non-ASCII address needs SMTPUTF8")
         } else if transaction.rcpts.contains(&to) {
             Reply::status(250, (2, 1, 5), "recipient ok")
         } else if transaction.rcpts.len() >= max {
@@ -1300,6 +1348,7 @@ impl Session {
             body,
             size,
             requiretls: transaction.requiretls,
+            smtputf8: transaction.smtputf8,
             trace: self.trace(),
         })
     }
@@ -1321,7 +1370,9 @@ impl Session {
     /// (Postfix too dates it before the message is complete).
     pub fn received_header(&self, at: SystemTime) -> Option<String> {
         match (&self.phase, &self.transaction) {
-            (Phase::Data(_), Some(t)) => Some(received_header(&self.trace(), &t.rcpts, at)),
+            (Phase::Data(_), Some(t)) => {
+                Some(received_header(&self.trace(), &t.rcpts, t.smtputf8, at))
+            }
             _ => None,
         }
     }
@@ -1535,7 +1586,8 @@ mod tests {
                     size: Some(10),
                     body_8bit: true,
                     requiretls: true,
-                    auth: false
+                    auth: false,
+                    smtputf8: false,
                 }
             })
         );
@@ -1561,7 +1613,7 @@ mod tests {
         };
         assert_eq!(code(b"FOO"), "500 5.5.1");
         assert_eq!(code(b"MAIL FROM:<a@b.test> FOO=1"), "555 5.5.4");
-        assert_eq!(code(b"MAIL FROM:<a@b.test> SMTPUTF8"), "555 5.5.4");
+        assert_eq!(code(b"MAIL FROM:<a@b.test> SMTPUTF8=yes"), "501 5.5.4");
         assert_eq!(code(b"MAIL FROM:<a@b.test> BODY=BINARYMIME"), "555 5.5.4");
         assert_eq!(code(b"MAIL FROM:<a@b.test> SIZE=1 SIZE=2"), "501 5.5.4");
         assert_eq!(code(b"MAIL FROM:<a@b.test> SIZE=x"), "501 5.5.4");
@@ -1570,7 +1622,24 @@ mod tests {
         assert_eq!(code(b"RCPT TO:<>"), "501 5.1.3");
         assert_eq!(code(b"RCPT TO:<postmaster>"), "501 5.1.3");
         assert_eq!(code(b"RCPT TO:<a@b..test>"), "501 5.1.3");
-        assert_eq!(code("RCPT TO:<é@b.test>".as_bytes()), "553 5.6.7");
+        // RFC 6531: UTF-8 in addresses, with SMTPUTF8 (a recipient is judged by the session
+        // against its transaction); never in parameters or other commands; never invalid UTF-8.
+        assert_eq!(code("MAIL FROM:<é@b.test>".as_bytes()), "553 5.6.7");
+        assert_eq!(
+            parse_command("MAIL FROM:<jörg@bücher.test> SMTPUTF8".as_bytes()),
+            Ok(Command::Mail {
+                from: "jörg@bücher.test".into(),
+                params: MailParams { smtputf8: true, ..MailParams::default() }
+            })
+        );
+        assert_eq!(
+            parse_command("RCPT TO:<用户@例子.测试>".as_bytes()),
+            Ok(Command::Rcpt { to: "用户@例子.测试".into() })
+        );
+        assert_eq!(code(b"RCPT TO:<\xc3@b.test>"), "553 5.6.7");
+        assert_eq!(code("RCPT TO:<a@b.test> X=é".as_bytes()), "501 5.5.4");
+        assert_eq!(code("NOOP é".as_bytes()), "501 5.5.4");
+        assert_eq!(code("RCPT TO:<a\u{85}b@b.test>".as_bytes()), "501 5.5.4");
         assert_eq!(code(b"DATA now"), "501 5.5.4");
         assert_eq!(code(b"EHLO"), "501 5.5.4");
         assert_eq!(code(b"EHLO a b"), "501 5.5.4");
@@ -1604,13 +1673,47 @@ mod tests {
                 "PIPELINING",
                 "SIZE 26214400",
                 "8BITMIME",
-                "ENHANCEDSTATUSCODES"
+                "ENHANCEDSTATUSCODES",
+                "SMTPUTF8"
             ]
         );
         assert_eq!(
             replies[1].to_string(),
-            "250-relay.test greets c.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES"
+            "250-relay.test greets c.test\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"
         );
+    }
+
+    /// RFC 6531 §3.4: a UTF-8 recipient only in a transaction that asked for SMTPUTF8; the
+    /// message carries the flag, and its `Received:` line says `UTF8SMTP` (§3.7.3).
+    #[test]
+    fn utf8_addresses_need_smtputf8() {
+        let (replies, subs) = run(
+            options(),
+            local(),
+            "EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<jörg@bücher.test>\r\nRSET\r\n\
+             MAIL FROM:<a@b.test> SMTPUTF8\r\nRCPT TO:<jörg@bücher.test>\r\nDATA\r\n\
+             Subject: grüße\r\n\r\nhi\r\n.\r\n"
+                .as_bytes(),
+        );
+        assert_eq!(
+            codes(&replies),
+            [
+                "220",
+                "250",
+                "250 2.1.0",
+                "553 5.6.7",
+                "250 2.0.0",
+                "250 2.1.0",
+                "250 2.1.5",
+                "354",
+                "250 2.0.0"
+            ]
+        );
+        assert_eq!(subs.len(), 1);
+        assert!(subs[0].smtputf8);
+        assert_eq!(subs[0].rcpts, ["jörg@bücher.test"]);
+        let body = String::from_utf8(subs[0].body.clone()).unwrap();
+        assert!(body.contains("by relay.test with UTF8SMTP\r\n"), "{body}");
     }
 
     #[test]
@@ -1756,7 +1859,13 @@ mod tests {
         let (address, out) = match parse_command(line) {
             Ok(Command::Mail { from, .. }) => (
                 from.clone(),
-                Out::Mail { from, size: Some(10), body_8bit: false, requiretls: false },
+                Out::Mail {
+                    from,
+                    size: Some(10),
+                    body_8bit: false,
+                    requiretls: false,
+                    smtputf8: false,
+                },
             ),
             Ok(Command::Rcpt { to }) => (to.clone(), Out::Rcpt { to }),
             _ => return Ok(None),

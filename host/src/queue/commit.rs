@@ -121,6 +121,7 @@ mod tests {
                     requiretls: false,
                     tls_required_no: false,
                     authenticated: false,
+                    smtputf8: false,
                     warned: false,
                     body_len: None,
                     body_sha256: None,

@@ -87,6 +87,8 @@ pub struct NewMessage {
     pub tls_required_no: bool,
     /// The submitter logged in with SMTP AUTH.
     pub authenticated: bool,
+    /// `SMTPUTF8` was given with MAIL (RFC 6531).
+    pub smtputf8: bool,
 }
 
 /// The queue and its scheduler.
@@ -336,6 +338,7 @@ impl Queue {
             requiretls: message.requiretls,
             tls_required_no: message.tls_required_no,
             authenticated: message.authenticated,
+            smtputf8: message.smtputf8,
             warned: false,
             body_len: None,
             body_sha256: None,
@@ -626,6 +629,7 @@ impl Queue {
                     requiretls: envelope.requiretls,
                     tls_required_no: envelope.tls_required_no,
                     authenticated: envelope.authenticated,
+                    smtputf8: envelope.smtputf8,
                     attempt: envelope.attempts,
                     age: message.age,
                 };
@@ -949,6 +953,7 @@ impl Queue {
             requiretls: false,
             tls_required_no: false,
             authenticated: false,
+            smtputf8: false,
         };
         if let Err(e) = self.accept_durably(message).await {
             tracing::error!(id = %envelope.id, "cannot queue the DSN: {e}");

@@ -66,6 +66,9 @@ pub struct Envelope {
     /// "authenticated"` relaxes only such messages).
     #[serde(default)]
     pub authenticated: bool,
+    /// `SMTPUTF8` was given with MAIL (RFC 6531): the message may need it from the next hop.
+    #[serde(default)]
+    pub smtputf8: bool,
     /// Whether a delay warning was sent already.
     #[serde(default)]
     pub warned: bool,
@@ -659,6 +662,7 @@ mod tests {
             requiretls: false,
             tls_required_no: false,
             authenticated: false,
+            smtputf8: false,
             warned: false,
             body_len: None,
             body_sha256: None,

@@ -36,6 +36,8 @@ pub enum Command {
         body_8bit: bool,
         /// `REQUIRETLS` (RFC 8689): the message must only travel over verified TLS.
         requiretls: bool,
+        /// `SMTPUTF8` (RFC 6531): the message may carry UTF-8 in addresses and headers.
+        smtputf8: bool,
     },
     /// `RCPT TO:<to>`.
     Rcpt {
@@ -65,7 +67,7 @@ impl Command {
                 out.push(b' ');
                 out.extend_from_slice(domain.as_bytes());
             }
-            Self::Mail { from, size, body_8bit, requiretls } => {
+            Self::Mail { from, size, body_8bit, requiretls, smtputf8 } => {
                 check_path(from, Argument::Sender)?;
                 out.extend_from_slice(b"MAIL FROM:<");
                 out.extend_from_slice(from.as_bytes());
@@ -78,6 +80,9 @@ impl Command {
                 }
                 if *requiretls {
                     out.extend_from_slice(b" REQUIRETLS");
+                }
+                if *smtputf8 {
+                    out.extend_from_slice(b" SMTPUTF8");
                 }
             }
             Self::Rcpt { to } => {
@@ -256,7 +261,13 @@ mod tests {
     }
 
     fn mail(from: &str) -> Command {
-        Command::Mail { from: from.to_owned(), size: None, body_8bit: false, requiretls: false }
+        Command::Mail {
+            from: from.to_owned(),
+            size: None,
+            body_8bit: false,
+            requiretls: false,
+            smtputf8: false,
+        }
     }
 
     fn rcpt(to: &str) -> Command {
@@ -277,6 +288,7 @@ mod tests {
                     size: Some(12345),
                     body_8bit: true,
                     requiretls: true,
+                    smtputf8: false,
                 },
                 "MAIL FROM:<a@example.org> SIZE=12345 BODY=8BITMIME REQUIRETLS\r\n",
             ),
@@ -286,8 +298,9 @@ mod tests {
                     size: Some(0),
                     body_8bit: false,
                     requiretls: true,
+                    smtputf8: true,
                 },
-                "MAIL FROM:<> SIZE=0 REQUIRETLS\r\n",
+                "MAIL FROM:<> SIZE=0 REQUIRETLS SMTPUTF8\r\n",
             ),
             (rcpt("b@example.net"), "RCPT TO:<b@example.net>\r\n"),
             (rcpt("\"john doe\"@example.net"), "RCPT TO:<\"john doe\"@example.net>\r\n"),
