@@ -173,7 +173,7 @@ async fn rfc5321_normal_transaction() {
     assert_eq!(
         ehlo,
         "250-relay.test greets client.test\n250-PIPELINING\n250-SIZE 26214400\n250-8BITMIME\n\
-         250 ENHANCEDSTATUSCODES"
+         250-ENHANCEDSTATUSCODES\n250 SMTPUTF8"
     );
     assert_eq!(
         c.cmd("MAIL FROM:<alice@example.test> BODY=8BITMIME SIZE=100").await,
