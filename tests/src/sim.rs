@@ -66,3 +66,20 @@ pub fn ca() -> anyhow::Result<Arc<TestCa>> {
         .clone()
         .map_err(anyhow::Error::msg)
 }
+
+/// The command lines starting with `verb` (e.g. `MAIL`) that `domain`'s servers received, in
+/// order, over any connection.
+pub fn received(fleet: &Fleet, domain: &str, verb: &str) -> Vec<String> {
+    fleet
+        .transcript(domain)
+        .connections
+        .iter()
+        .flat_map(|c| &c.events)
+        .filter_map(|e| match e {
+            postwarden_sim::transcript::Event::Received { line, .. } if line.starts_with(verb) => {
+                Some(line.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}

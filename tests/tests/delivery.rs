@@ -404,18 +404,7 @@ async fn smtputf8_goes_where_offered_and_bounces_where_not() {
         attempt: 1,
         age: 0,
     };
-    let mail_lines = |domain: &str| -> Vec<String> {
-        fleet
-            .transcript(domain)
-            .connections
-            .iter()
-            .flat_map(|c| &c.events)
-            .filter_map(|e| match e {
-                Event::Received { line, .. } if line.starts_with("MAIL") => Some(line.clone()),
-                _ => None,
-            })
-            .collect()
-    };
+    let mail_lines = |domain: &str| sim::received(&fleet, domain, "MAIL");
 
     let rcpts = ["müller@cap-12.sim.test".to_owned()];
     let out = deliverer.deliver(&o, &message, "cap-12.sim.test", &rcpts).await;

@@ -9,6 +9,50 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use postwarden::service::Relay;
 use postwarden_tests::{chains, sim};
 
+/// A relay with `opportunistic` delivering to `fleet` (its DNS, port and CA), its spool in
+/// `dir`; `client.example` (the submitters' domain, for DSNs) goes nowhere.
+async fn opportunistic_relay(fleet: &postwarden_sim::Fleet, dir: &std::path::Path) -> Relay {
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, fleet.ca_pem()).unwrap();
+    let toml = format!(
+        "[[policy]]\nname = \"opportunistic\"\npath = \"{{wasm:opportunistic}}\"\n\
+         [delivery]\nhelo_name = \"relay.postwarden.test\"\nport = {port}\ndns_servers = [\"{dns}\"]\n\
+         [delivery.routes]\n\"client.example\" = \"[127.0.0.1]:1\"\n\
+         [delivery.timeouts]\nconnect = 2\ngreeting = 2\ncommand = 2\ntls_handshake = 2\n\
+         [tls]\nwebpki_roots = false\nca_files = [\"{ca}\"]\n\
+         [queue]\ndir = \"spool\"\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\n",
+        port = fleet.port(),
+        dns = fleet.dns_addr(),
+        ca = ca.display()
+    );
+    let config = chains::config_in(&toml, dir).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Relay::start(&config, listener).await.unwrap()
+}
+
+/// Writes each text to the relay's SMTP port over a raw socket (the first, empty, only waits
+/// for the greeting) and returns the code of the reply to each.
+async fn converse(relay: &Relay, texts: &[&str]) -> Vec<String> {
+    let stream = tokio::net::TcpStream::connect(relay.smtp_addr).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut codes = Vec::new();
+    for text in texts {
+        stream.get_mut().write_all(text.as_bytes()).await.unwrap();
+        // One reply: its last line has a space after the code.
+        loop {
+            let mut line = String::new();
+            stream.read_line(&mut line).await.unwrap();
+            assert!(!line.is_empty(), "connection closed after {codes:?}");
+            if line.as_bytes().get(3) == Some(&b' ') {
+                codes.push(line[..3].to_owned());
+                break;
+            }
+        }
+    }
+    codes
+}
+
 async fn submit(relay: &Relay, from: &str, to: &str) {
     let body = format!("From: <{from}>\r\nTo: <{to}>\r\nSubject: invoice\r\n\r\nsecret\r\n");
     let submission =
@@ -290,49 +334,23 @@ async fn tls_required_no_relaxes_forced_tls_only_for_whom_the_operator_allows() 
 async fn a_quoted_local_part_with_angle_brackets_is_delivered_with_its_co_recipient() {
     let (fleet, _) = sim::fleet(&["CAP-01"]).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, fleet.ca_pem()).unwrap();
-    let toml = format!(
-        "[[policy]]\nname = \"opportunistic\"\npath = \"{{wasm:opportunistic}}\"\n\
-         [delivery]\nhelo_name = \"relay.postwarden.test\"\nport = {port}\ndns_servers = [\"{dns}\"]\n\
-         [delivery.timeouts]\nconnect = 2\ngreeting = 2\ncommand = 2\ntls_handshake = 2\n\
-         [tls]\nwebpki_roots = false\nca_files = [\"{ca}\"]\n\
-         [queue]\ndir = \"spool\"\n\
-         [inbound]\nlisten = \"127.0.0.1:0\"\n",
-        port = fleet.port(),
-        dns = fleet.dns_addr(),
-        ca = ca.display()
-    );
-    let config = chains::config_in(&toml, dir.path()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay = Relay::start(&config, listener).await.unwrap();
+    let relay = opportunistic_relay(&fleet, dir.path()).await;
 
     // Submitted over a raw socket, so that only the relay's own encoder is under test.
-    let stream = tokio::net::TcpStream::connect(relay.smtp_addr).await.unwrap();
-    let mut stream = tokio::io::BufReader::new(stream);
-    let mut codes = Vec::new();
-    for command in [
-        "",
-        "EHLO app.client.example\r\n",
-        "MAIL FROM:<sender@client.example>\r\n",
-        "RCPT TO:<\"a>b\"@cap-01.sim.test>\r\n",
-        "RCPT TO:<good@cap-01.sim.test>\r\n",
-        "DATA\r\n",
-        "From: <sender@client.example>\r\nSubject: quoted\r\n\r\nhello\r\n.\r\n",
-        "QUIT\r\n",
-    ] {
-        stream.get_mut().write_all(command.as_bytes()).await.unwrap();
-        // Read one reply (its last line has a space after the code).
-        loop {
-            let mut line = String::new();
-            stream.read_line(&mut line).await.unwrap();
-            assert!(!line.is_empty(), "connection closed after {codes:?}");
-            if line.as_bytes().get(3) == Some(&b' ') {
-                codes.push(line[..3].to_owned());
-                break;
-            }
-        }
-    }
+    let codes = converse(
+        &relay,
+        &[
+            "",
+            "EHLO app.client.example\r\n",
+            "MAIL FROM:<sender@client.example>\r\n",
+            "RCPT TO:<\"a>b\"@cap-01.sim.test>\r\n",
+            "RCPT TO:<good@cap-01.sim.test>\r\n",
+            "DATA\r\n",
+            "From: <sender@client.example>\r\nSubject: quoted\r\n\r\nhello\r\n.\r\n",
+            "QUIT\r\n",
+        ],
+    )
+    .await;
     assert_eq!(codes, ["220", "250", "250", "250", "250", "354", "250", "221"]);
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -378,48 +396,22 @@ async fn a_quoted_local_part_with_angle_brackets_is_delivered_with_its_co_recipi
 async fn smtputf8_is_carried_from_submission_to_the_next_hop() {
     let (fleet, _) = sim::fleet(&["CAP-01", "CAP-12"]).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, fleet.ca_pem()).unwrap();
-    let toml = format!(
-        "[[policy]]\nname = \"opportunistic\"\npath = \"{{wasm:opportunistic}}\"\n\
-         [delivery]\nhelo_name = \"relay.postwarden.test\"\nport = {port}\ndns_servers = [\"{dns}\"]\n\
-         [delivery.routes]\n\"client.example\" = \"[127.0.0.1]:1\"\n\
-         [delivery.timeouts]\nconnect = 2\ngreeting = 2\ncommand = 2\ntls_handshake = 2\n\
-         [tls]\nwebpki_roots = false\nca_files = [\"{ca}\"]\n\
-         [queue]\ndir = \"spool\"\n\
-         [inbound]\nlisten = \"127.0.0.1:0\"\n",
-        port = fleet.port(),
-        dns = fleet.dns_addr(),
-        ca = ca.display()
-    );
-    let config = chains::config_in(&toml, dir.path()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay = Relay::start(&config, listener).await.unwrap();
+    let relay = opportunistic_relay(&fleet, dir.path()).await;
 
-    let stream = tokio::net::TcpStream::connect(relay.smtp_addr).await.unwrap();
-    let mut stream = tokio::io::BufReader::new(stream);
-    let mut codes = Vec::new();
-    for command in [
-        "",
-        "EHLO app.client.example\r\n",
-        "MAIL FROM:<jörg@client.example> SMTPUTF8\r\n",
-        "RCPT TO:<müller@cap-12.sim.test>\r\n",
-        "RCPT TO:<müller@cap-01.sim.test>\r\n",
-        "DATA\r\n",
-        "From: <jörg@client.example>\r\nSubject: grüße\r\n\r\nhallo\r\n.\r\n",
-        "QUIT\r\n",
-    ] {
-        stream.get_mut().write_all(command.as_bytes()).await.unwrap();
-        loop {
-            let mut line = String::new();
-            stream.read_line(&mut line).await.unwrap();
-            assert!(!line.is_empty(), "connection closed after {codes:?}");
-            if line.as_bytes().get(3) == Some(&b' ') {
-                codes.push(line[..3].to_owned());
-                break;
-            }
-        }
-    }
+    let codes = converse(
+        &relay,
+        &[
+            "",
+            "EHLO app.client.example\r\n",
+            "MAIL FROM:<jörg@client.example> SMTPUTF8\r\n",
+            "RCPT TO:<müller@cap-12.sim.test>\r\n",
+            "RCPT TO:<müller@cap-01.sim.test>\r\n",
+            "DATA\r\n",
+            "From: <jörg@client.example>\r\nSubject: grüße\r\n\r\nhallo\r\n.\r\n",
+            "QUIT\r\n",
+        ],
+    )
+    .await;
     assert_eq!(codes, ["220", "250", "250", "250", "250", "354", "250", "221"]);
 
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -438,22 +430,7 @@ async fn smtputf8_is_carried_from_submission_to_the_next_hop() {
         matches!(&refused.status, postwarden::delivery::Status::Bounced { code, .. } if code == "5.6.7"),
         "{refused:?}"
     );
-    let mail = |domain: &str| -> Vec<String> {
-        fleet
-            .transcript(domain)
-            .connections
-            .iter()
-            .flat_map(|c| &c.events)
-            .filter_map(|e| match e {
-                postwarden_sim::transcript::Event::Received { line, .. }
-                    if line.starts_with("MAIL") =>
-                {
-                    Some(line.clone())
-                }
-                _ => None,
-            })
-            .collect()
-    };
+    let mail = |domain: &str| sim::received(&fleet, domain, "MAIL");
     let sent = mail("cap-12.sim.test");
     assert!(
         sent.len() == 1
