@@ -107,6 +107,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
                     diagnostic: reason.clone(),
                 }],
                 "Thu, 1 Jan 1970 00:00:00 +0000",
+                "<ID1.0.dsn@relay.test>",
             );
             for (i, &b) in dsn.iter().enumerate() {
                 match b {
