@@ -21,6 +21,7 @@ use postwarden_tests::{chains, sim};
 const OPPORTUNISTIC: &str =
     "[[policy]]\nname = \"opportunistic\"\npath = \"{wasm:opportunistic}\"\n";
 const FORCED: &str = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n[policy.settings.domains]\n\".sim.test\" = \"encrypt\"\n";
+const VERIFY: &str = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n[policy.settings.domains]\n\".sim.test\" = \"verify\"\n";
 const DOMAIN: &str = "cap-01.sim.test";
 
 async fn fleet(timing: Timing) -> Fleet {
@@ -181,8 +182,7 @@ async fn sessions_resume_under_the_same_requirement_only() {
     .unwrap();
     let deliverer = deliverer_without_reuse(&fleet);
     let (opportunistic, _e1, _d1) = chains::load(OPPORTUNISTIC).unwrap();
-    let verify = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n[policy.settings.domains]\n\".sim.test\" = \"verify\"\n";
-    let (verify, _e2, _d2) = chains::load(verify).unwrap();
+    let (verify, _e2, _d2) = chains::load(VERIFY).unwrap();
     let tls = |out: &DomainOutcome| match &out.recipients[0].status {
         Status::Delivered { tls: Some(info), .. } => Some((info.resumed, info.verified)),
         _ => None,
@@ -220,18 +220,10 @@ async fn sessions_resume_under_the_same_requirement_only() {
 /// connection resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alternating_requirements_to_one_server_both_resume() {
-    let fleet = Fleet::start(FleetOptions {
-        scenarios: Some(vec!["CAP-01".to_owned()]),
-        timing: Timing::fast(),
-        ca: Some(sim::ca().unwrap()),
-        ..FleetOptions::default()
-    })
-    .await
-    .unwrap();
+    let fleet = fleet(Timing::fast()).await;
     let deliverer = deliverer_without_reuse(&fleet);
     let (opportunistic, _e1, _d1) = chains::load(OPPORTUNISTIC).unwrap();
-    let verify = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n[policy.settings.domains]\n\".sim.test\" = \"verify\"\n";
-    let (verify, _e2, _d2) = chains::load(verify).unwrap();
+    let (verify, _e2, _d2) = chains::load(VERIFY).unwrap();
     for _ in 0..6 {
         for chain in [&opportunistic, &verify] {
             assert!(delivered_over_tls(&sim::send(&deliverer, chain, DOMAIN, false, false).await));
@@ -251,15 +243,7 @@ async fn alternating_requirements_to_one_server_both_resume() {
 /// part of the cache's key now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_under_one_name_on_two_ports_both_resume() {
-    let start = || {
-        Fleet::start(FleetOptions {
-            scenarios: Some(vec!["CAP-01".to_owned()]),
-            timing: Timing::fast(),
-            ca: Some(sim::ca().unwrap()),
-            ..FleetOptions::default()
-        })
-    };
-    let (first, second) = (start().await.unwrap(), start().await.unwrap());
+    let (first, second) = (fleet(Timing::fast()).await, fleet(Timing::fast()).await);
     assert_ne!(first.port(), second.port());
     let resolver = HickoryResolver::new(&[first.dns_addr()]).unwrap();
     // `other.example` goes to the same MX name, on the second fleet's port.
