@@ -30,8 +30,9 @@
 //!
 //! # Layout
 //! - [`Policy`]: the trait a policy implements; [`export_policy!`] exports it.
-//! - [`Host`]: what the relay offers (log, time, table, persistent store); [`WasmHost`] is the
-//!   real one inside the relay, [`testing::FakeHost`] the one for native tests.
+//! - [`Host`]: what the relay offers (log, time, table, persistent store, and the facts it
+//!   gathered about the attempt: DNSSEC, MTA-STS, TLSA); [`WasmHost`] is the real one inside
+//!   the relay, [`testing::FakeHost`] the one for native tests.
 //! - [`names`]: domain-matching helpers shared by the bundled policies.
 //! - [`bindings`]: the code `wit-bindgen` generates from the WIT file (types re-exported here).
 
@@ -60,8 +61,9 @@ pub mod bindings {
 
 pub use bindings::postwarden::policy::host::LogLevel;
 pub use bindings::postwarden::policy::types::{
-    Action, Context, Decision, DeliveryReport, Failure, Requirement, SmtpReply, TlsLevel,
-    TlsVersion,
+    Action, Context, DaneStatus, Decision, DeliveryReport, DnssecStatus, Failure, OtherFailure,
+    Requirement, SmtpReply, StsMode, StsPolicy, StsStatus, TlsBasis, TlsLevel, TlsVersion,
+    TlsaRecord,
 };
 
 use serde::de::DeserializeOwned;
@@ -118,6 +120,24 @@ pub trait Host {
     fn kv_set(&self, key: &str, value: &str);
     /// Removes a key from the persistent store.
     fn kv_delete(&self, key: &str);
+
+    /// The DNSSEC status of the recipient domain's MX records, for the attempt being decided.
+    /// The defaults here ("not known") are what the relay answers outside a decision.
+    fn mx_dnssec(&self) -> DnssecStatus {
+        DnssecStatus::Indeterminate
+    }
+    /// The DNSSEC status of the MX host's address records.
+    fn host_dnssec(&self) -> DnssecStatus {
+        DnssecStatus::Indeterminate
+    }
+    /// The recipient domain's MTA-STS policy.
+    fn sts(&self) -> StsStatus {
+        StsStatus::Off
+    }
+    /// The MX host's TLSA records.
+    fn dane(&self) -> DaneStatus {
+        DaneStatus::Off
+    }
 }
 
 /// The relay, reached through the component's imports. Only usable inside the relay: natively
@@ -153,6 +173,22 @@ impl Host for WasmHost {
     fn kv_delete(&self, key: &str) {
         bindings::postwarden::policy::host::kv_delete(key);
     }
+
+    fn mx_dnssec(&self) -> DnssecStatus {
+        bindings::postwarden::policy::facts::mx_dnssec()
+    }
+
+    fn host_dnssec(&self) -> DnssecStatus {
+        bindings::postwarden::policy::facts::host_dnssec()
+    }
+
+    fn sts(&self) -> StsStatus {
+        bindings::postwarden::policy::facts::sts()
+    }
+
+    fn dane(&self) -> DaneStatus {
+        bindings::postwarden::policy::facts::dane()
+    }
 }
 
 /// Parses a policy's settings JSON into a serde type, with an error that names the problem.
@@ -171,10 +207,23 @@ impl Decision {
 }
 
 impl Requirement {
-    /// A requirement of `level` with no extra match names and the relay's default minimum
-    /// version.
+    /// A requirement of `level` with no extra match names, the relay's default minimum
+    /// version, basis `local` and no client certificate.
     pub fn new(level: TlsLevel) -> Self {
-        Requirement { level, match_names: Vec::new(), min_version: None }
+        Requirement {
+            level,
+            match_names: Vec::new(),
+            min_version: None,
+            basis: TlsBasis::Local,
+            client_identity: None,
+        }
+    }
+
+    /// The same requirement, presenting the client certificate configured in the relay under
+    /// `name` (`[tls.client_identities.NAME]`), for destinations that require mutual TLS.
+    pub fn with_client_identity(mut self, name: &str) -> Self {
+        self.client_identity = Some(name.to_owned());
+        self
     }
 
     /// Whether this requirement forbids plaintext delivery.
@@ -182,20 +231,32 @@ impl Requirement {
         self.level.is_forced()
     }
 
-    /// A compact text form, `level;min-version;name,name`, for storing requirements in the
-    /// host's table: decisions read it back with [`Requirement::decode`] without serde.
+    /// A compact text form, `level;min-version;basis;client-identity;name,name`, for storing
+    /// requirements in the host's table: decisions read it back with [`Requirement::decode`]
+    /// without serde. (Names come last: they may contain anything but `,`; an identity is a
+    /// configuration key, without `;`.)
     pub fn encode(&self) -> String {
         let min = match self.min_version {
             None => "",
             Some(TlsVersion::Tls12) => "tls12",
             Some(TlsVersion::Tls13) => "tls13",
         };
-        format!("{};{min};{}", self.level.as_str(), self.match_names.join(","))
+        let basis = match self.basis {
+            TlsBasis::Local => "local",
+            TlsBasis::Sts => "sts",
+            TlsBasis::Dane => "dane",
+        };
+        format!(
+            "{};{min};{basis};{};{}",
+            self.level.as_str(),
+            self.client_identity.as_deref().unwrap_or_default(),
+            self.match_names.join(",")
+        )
     }
 
     /// Parses the form written by [`Requirement::encode`].
     pub fn decode(value: &str) -> Option<Self> {
-        let mut parts = value.splitn(3, ';');
+        let mut parts = value.splitn(5, ';');
         let level = TlsLevel::parse(parts.next()?)?;
         let min_version = match parts.next()? {
             "" => None,
@@ -203,22 +264,33 @@ impl Requirement {
             "tls13" => Some(TlsVersion::Tls13),
             _ => return None,
         };
+        let basis = match parts.next()? {
+            "local" => TlsBasis::Local,
+            "sts" => TlsBasis::Sts,
+            "dane" => TlsBasis::Dane,
+            _ => return None,
+        };
+        let client_identity = match parts.next()? {
+            "" => None,
+            name => Some(name.to_owned()),
+        };
         let names = parts.next()?;
         let match_names = match names {
             "" => Vec::new(),
             names => names.split(',').map(str::to_owned).collect(),
         };
-        Some(Requirement { level, match_names, min_version })
+        Some(Requirement { level, match_names, min_version, basis, client_identity })
     }
 }
 
 impl TlsLevel {
     /// Whether this level forbids plaintext delivery (`encrypt` and stronger).
     pub fn is_forced(self) -> bool {
-        matches!(self, TlsLevel::Encrypt | TlsLevel::Verify | TlsLevel::Secure)
+        matches!(self, TlsLevel::Encrypt | TlsLevel::Dane | TlsLevel::Verify | TlsLevel::Secure)
     }
 
-    /// Whether this level checks the certificate (`verify` and `secure`).
+    /// Whether this level checks the certificate against the trusted roots (`verify` and
+    /// `secure`; `dane` checks it against TLSA records instead).
     pub fn is_verified(self) -> bool {
         matches!(self, TlsLevel::Verify | TlsLevel::Secure)
     }
@@ -229,6 +301,7 @@ impl TlsLevel {
             TlsLevel::None => "none",
             TlsLevel::May => "may",
             TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Dane => "dane",
             TlsLevel::Verify => "verify",
             TlsLevel::Secure => "secure",
         }
@@ -240,6 +313,7 @@ impl TlsLevel {
             "none" => TlsLevel::None,
             "may" => TlsLevel::May,
             "encrypt" => TlsLevel::Encrypt,
+            "dane" => TlsLevel::Dane,
             "verify" => TlsLevel::Verify,
             "secure" => TlsLevel::Secure,
             _ => return None,
@@ -255,7 +329,7 @@ impl Failure {
     }
 
     /// A short name of the failure class, as used in logs and in `policy explain --failure`.
-    pub fn class(&self) -> &'static str {
+    pub fn class(&self) -> &str {
         match self {
             Failure::StarttlsNotOffered => "starttls-not-offered",
             Failure::StarttlsRefused(_) => "starttls-refused",
@@ -267,6 +341,13 @@ impl Failure {
             Failure::TlsVersionTooOld(_) => "tls-version-too-old",
             Failure::ConnectionLost(_) => "connection-lost",
             Failure::Timeout(_) => "timeout",
+            Failure::DnssecBogus(_) => "dnssec-bogus",
+            Failure::TlsaLookupFailed(_) => "tlsa-lookup-failed",
+            Failure::DaneRequired(_) => "dane-required",
+            Failure::StsPolicyUnavailable(_) => "sts-policy-unavailable",
+            Failure::StsMxMismatch(_) => "sts-mx-mismatch",
+            Failure::TlsaMismatch(_) => "tlsa-mismatch",
+            Failure::Other(other) => &other.class,
         }
     }
 }
@@ -316,11 +397,17 @@ mod tests {
             level: TlsLevel::Secure,
             match_names: vec!["a.example".into(), ".b.example".into()],
             min_version: Some(TlsVersion::Tls12),
+            basis: TlsBasis::Sts,
+            client_identity: Some("bank-connector".into()),
         };
+        assert_eq!(Requirement::decode(&r.encode()), Some(r));
+        let r = Requirement::new(TlsLevel::Dane).with_client_identity("x");
         assert_eq!(Requirement::decode(&r.encode()), Some(r));
         let r = Requirement::new(TlsLevel::Encrypt);
         assert_eq!(Requirement::decode(&r.encode()), Some(r));
         assert_eq!(Requirement::decode("strong;;"), None);
         assert_eq!(Requirement::decode("verify"), None);
+        // The 0.1 form (no basis, no identity) is not silently misread.
+        assert_eq!(Requirement::decode("verify;;a.example"), None);
     }
 }

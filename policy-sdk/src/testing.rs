@@ -14,9 +14,10 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
-use crate::{Context, Host, LogLevel, Policy};
+use crate::{Context, DaneStatus, DnssecStatus, Host, LogLevel, Policy, StsStatus};
 
-/// An in-memory [`Host`]: table, persistent store, log lines and a settable clock.
+/// An in-memory [`Host`]: table, persistent store, log lines, a settable clock and settable
+/// facts.
 #[derive(Debug, Default)]
 pub struct FakeHost {
     /// The policy's table, as filled by `configure`.
@@ -27,6 +28,21 @@ pub struct FakeHost {
     pub logs: RefCell<Vec<(LogLevel, String)>>,
     /// What [`Host::now`] returns.
     pub now: Cell<u64>,
+    /// What the facts functions return (`None`: the relay's "not known").
+    pub facts: RefCell<Facts>,
+}
+
+/// The facts a [`FakeHost`] answers with.
+#[derive(Debug, Default)]
+pub struct Facts {
+    /// [`Host::mx_dnssec`].
+    pub mx_dnssec: Option<DnssecStatus>,
+    /// [`Host::host_dnssec`].
+    pub host_dnssec: Option<DnssecStatus>,
+    /// [`Host::sts`].
+    pub sts: Option<StsStatus>,
+    /// [`Host::dane`].
+    pub dane: Option<DaneStatus>,
 }
 
 impl FakeHost {
@@ -65,6 +81,22 @@ impl Host for FakeHost {
 
     fn kv_delete(&self, key: &str) {
         self.kv.borrow_mut().remove(key);
+    }
+
+    fn mx_dnssec(&self) -> DnssecStatus {
+        self.facts.borrow().mx_dnssec.unwrap_or(DnssecStatus::Indeterminate)
+    }
+
+    fn host_dnssec(&self) -> DnssecStatus {
+        self.facts.borrow().host_dnssec.unwrap_or(DnssecStatus::Indeterminate)
+    }
+
+    fn sts(&self) -> StsStatus {
+        self.facts.borrow().sts.clone().unwrap_or(StsStatus::Off)
+    }
+
+    fn dane(&self) -> DaneStatus {
+        self.facts.borrow().dane.clone().unwrap_or(DaneStatus::Off)
     }
 }
 

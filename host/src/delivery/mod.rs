@@ -333,6 +333,9 @@ impl Deliverer {
                     requiretls: message.requiretls,
                     tls_required_no: message.tls_required_no,
                     authenticated: message.authenticated,
+                    // Gathering DNSSEC, MTA-STS and TLSA facts comes with the standards work;
+                    // until then every fact reads "not looked up".
+                    facts: Default::default(),
                 };
                 let plan = chain.plan_async(&ctx).await;
                 let requirement = match &plan.verdict {
@@ -518,6 +521,11 @@ impl Deliverer {
             addr,
             requirement: requirement.clone(),
         };
+        // The floors of the requirement's basis, before any connection: what the facts cannot
+        // support fails here, as a failure class the deciding policy reacts to.
+        if let Some(failure) = a.ctx.facts.precondition(requirement) {
+            return self.after_failure(a, None, failure).await;
+        }
         if requirement.level != crate::policy::TlsLevel::None
             && let Some(result) = self.reuse(a, &key).await
         {

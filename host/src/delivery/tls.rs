@@ -87,6 +87,10 @@ impl TlsContext {
         mx_host: &str,
         port: u16,
     ) -> Result<(Arc<ClientConfig>, CertJudge), String> {
+        if requirement.level == TlsLevel::Dane {
+            // Fail closed: a `dane` requirement must never run as `encrypt`.
+            return Err("DANE verification is not available in this relay yet".to_owned());
+        }
         let names = match requirement.level {
             TlsLevel::Verify | TlsLevel::Secure if !requirement.match_names.is_empty() => {
                 requirement.match_names.clone()

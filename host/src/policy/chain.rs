@@ -228,7 +228,8 @@ impl Chain {
         let asked = Some(requirement.clone());
         let mut adjustments = Vec::new();
         let mut relaxed = false;
-        if ctx.requiretls && requirement.level < TlsLevel::Verify {
+        // REQUIRETLS asks for an authenticated server, by PKIX or by DANE (RFC 8689 §4.2.1).
+        if ctx.requiretls && !requirement.level.is_authenticated() {
             adjustments.push(format!("REQUIRETLS raised {} to verify", requirement.level));
             requirement.level = TlsLevel::Verify;
         } else if ctx.tls_required_no && !ctx.requiretls && requirement.level.is_forced() {

@@ -15,7 +15,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::bindings::{self, Exports};
+use super::bindings::{self, Contract, Exports};
 use super::instance::{Limits, LoadedPolicy, Parts, PolicyFault, StoreState};
 use super::kv::KvStore;
 use super::pool::CallPool;
@@ -79,10 +79,7 @@ pub enum LoadError {
         reason: String,
     },
     /// The component does not implement the contract.
-    #[error(
-        "policy `{name}`: does not implement postwarden:policy@{}: {reason}",
-        bindings::VERSION
-    )]
+    #[error("policy `{name}`: does not implement the postwarden:policy contract: {reason}")]
     Contract {
         /// Policy name.
         name: String,
@@ -331,7 +328,11 @@ impl PolicyEngine {
             check_contract(&rt.engine, &component).map_err(contract)?;
         let instance_pre =
             rt.linker.instantiate_pre(&component).map_err(|e| contract(format!("{e:#}")))?;
-        let pre = Exports::new(instance_pre).map_err(|e| contract(format!("{e:#}")))?;
+        // `check_contract` accepted only versions `Contract::of_version` knows.
+        let version = Contract::of_version(&contract_version)
+            .ok_or_else(|| contract(format!("unknown version {contract_version}")))?;
+        let pre = Exports::new(instance_pre, version)
+            .map_err(|e| contract(format!("as postwarden:policy@{contract_version}: {e:#}")))?;
         let info =
             ComponentInfo { sha256, contract_version, imports, imports_wasi, source, load_time };
         Ok((pre, info))
@@ -447,11 +448,19 @@ fn check_contract(
             ));
         };
         let (_, found) = rest.split_once('@').unwrap_or((rest, ""));
-        if !found.starts_with("0.1.") {
+        if Contract::of_version(found).is_none() {
             return Err(format!(
-                "built against {}@{found}, but this relay speaks {}",
+                "built against {}@{found}, but this relay loads {} (newest {})",
                 bindings::PACKAGE,
+                bindings::LOADABLE.map(|v| format!("{v}x")).join(" and "),
                 bindings::VERSION
+            ));
+        }
+        if version.as_ref().is_some_and(|v: &String| v != found) {
+            return Err(format!(
+                "imports two versions of {} ({} and {found})",
+                bindings::PACKAGE,
+                version.unwrap_or_default()
             ));
         }
         version = Some(found.to_owned());

@@ -319,6 +319,7 @@ impl LoadedPolicy {
             limiter: Limiter { max_memory, exceeded: false },
             clock: CpuClock::new(deadline),
             last_stderr: None,
+            facts: Arc::default(),
             // Created on the guest's first WASI call: most calls make none, and building a
             // WASI context would double the cost of a decision.
             wasi: None,
@@ -439,6 +440,8 @@ pub(crate) struct StoreState {
     wasi: Option<WasiState>,
     /// The last line the guest wrote to stderr in this call, for fault messages.
     last_stderr: Option<String>,
+    /// The facts of the attempt this call is about, for the `facts` imports.
+    pub(super) facts: Arc<super::facts::Facts>,
 }
 
 impl StoreState {

@@ -2,17 +2,21 @@
 //!
 //! # Layout
 //! - [`types`]: the relay's own view of the contract's values.
+//! - [`facts`]: what the relay gathers about an attempt (DNSSEC, MTA-STS, TLSA) and the floors
+//!   a requirement's basis sets before connecting.
 //! - [`engine`]: the wasmtime engine, compilation and its cache, contract checks, deadlines.
 //! - [`instance`]: one loaded policy and the calls into it (fresh store per call, limits,
 //!   fault classification).
 //! - [`chain`]: the ordered chain, fail-closed handling and the host's overriding rules.
 //! - [`kv`]: the per-policy persistent store.
 //! - [`pool`]: the threads policy calls run on, off the async workers.
-//! - `bindings` (private): `bindgen!` output and conversions.
+//! - `bindings` (private): `bindgen!` output for every contract version the relay loads, and
+//!   the conversions (0.1 guests are adapted to the host's 0.2 view there).
 
 mod bindings;
 pub mod chain;
 pub mod engine;
+pub mod facts;
 pub mod instance;
 pub mod kv;
 pub mod pool;
@@ -28,7 +32,8 @@ pub use engine::{
 pub use instance::{Limits, LoadedPolicy, PolicyFault};
 pub use kv::{FileKv, KvStore, MemoryKv};
 pub use types::{
-    Action, Context, Decision, DeliveryReport, Failure, Requirement, TlsLevel, TlsVersion,
+    Action, Context, Decision, DeliveryReport, Failure, Facts, Requirement, TlsBasis, TlsLevel,
+    TlsVersion,
 };
 
 use crate::config::{Config, PolicyConfig};

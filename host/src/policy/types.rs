@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+pub use super::facts::Facts;
+
 /// How much TLS a delivery requires, weakest first (Postfix's security levels).
 #[derive(
     Clone, Copy, Debug, Eq, Hash, Ord, PartialEq, PartialOrd, serde::Deserialize, serde::Serialize,
@@ -17,6 +19,8 @@ pub enum TlsLevel {
     May,
     /// TLS required, certificate not checked.
     Encrypt,
+    /// TLS required, certificate matched against DNSSEC-signed TLSA records (RFC 7672).
+    Dane,
     /// TLS required, chain verified, name = MX host (or match names).
     Verify,
     /// TLS required, chain verified, name within the recipient domain (or match names).
@@ -29,9 +33,15 @@ impl TlsLevel {
         self >= TlsLevel::Encrypt
     }
 
-    /// Whether the certificate is checked at this level.
+    /// Whether the certificate is checked against the trusted roots (PKIX) at this level.
     pub fn is_verified(self) -> bool {
         self >= TlsLevel::Verify
+    }
+
+    /// Whether the server is authenticated at this level, by PKIX or by DANE: what REQUIRETLS
+    /// asks for (RFC 8689 §4.2.1).
+    pub fn is_authenticated(self) -> bool {
+        self >= TlsLevel::Dane
     }
 
     /// The level's name as written in configs and logs.
@@ -40,6 +50,7 @@ impl TlsLevel {
             TlsLevel::None => "none",
             TlsLevel::May => "may",
             TlsLevel::Encrypt => "encrypt",
+            TlsLevel::Dane => "dane",
             TlsLevel::Verify => "verify",
             TlsLevel::Secure => "secure",
         }
@@ -61,6 +72,29 @@ pub enum TlsVersion {
     Tls13,
 }
 
+/// Why a requirement applies: drives the floors the host keeps and TLS-RPT's policy type.
+#[derive(Clone, Copy, Debug, Default, Eq, Hash, PartialEq)]
+pub enum TlsBasis {
+    /// Local configuration.
+    #[default]
+    Local,
+    /// The domain's MTA-STS policy.
+    Sts,
+    /// The host's DANE TLSA records.
+    Dane,
+}
+
+impl TlsBasis {
+    /// The name in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsBasis::Local => "local",
+            TlsBasis::Sts => "sts",
+            TlsBasis::Dane => "dane",
+        }
+    }
+}
+
 /// A TLS requirement with its parameters.
 #[derive(Clone, Debug, Eq, Hash, PartialEq)]
 pub struct Requirement {
@@ -70,12 +104,22 @@ pub struct Requirement {
     pub match_names: Vec<String>,
     /// The lowest acceptable TLS version (`None`: TLS 1.2).
     pub min_version: Option<TlsVersion>,
+    /// Why it applies.
+    pub basis: TlsBasis,
+    /// The configured client certificate to present, by name (`[tls.client_identities]`).
+    pub client_identity: Option<String>,
 }
 
 impl Requirement {
-    /// A requirement of `level` with default parameters.
+    /// A requirement of `level` with default parameters (basis local, no client certificate).
     pub fn new(level: TlsLevel) -> Self {
-        Requirement { level, match_names: Vec::new(), min_version: None }
+        Requirement {
+            level,
+            match_names: Vec::new(),
+            min_version: None,
+            basis: TlsBasis::Local,
+            client_identity: None,
+        }
     }
 }
 
@@ -86,10 +130,17 @@ impl fmt::Display for Requirement {
             write!(f, " match={}", self.match_names.join(":"))?;
         }
         match self.min_version {
-            Some(TlsVersion::Tls13) => f.write_str(" min=tls1.3"),
-            Some(TlsVersion::Tls12) => f.write_str(" min=tls1.2"),
-            None => Ok(()),
+            Some(TlsVersion::Tls13) => f.write_str(" min=tls1.3")?,
+            Some(TlsVersion::Tls12) => f.write_str(" min=tls1.2")?,
+            None => {}
         }
+        if self.basis != TlsBasis::Local {
+            write!(f, " basis={}", self.basis.as_str())?;
+        }
+        if let Some(identity) = &self.client_identity {
+            write!(f, " cert={identity}")?;
+        }
+        Ok(())
     }
 }
 
@@ -128,6 +179,9 @@ pub struct Context {
     /// The message's submitter logged in with SMTP AUTH (host-only: not passed to policies;
     /// it decides whether `TLS-Required: No` may relax a forced requirement).
     pub authenticated: bool,
+    /// What the relay gathered about this attempt (DNSSEC, MTA-STS, TLSA); shared, since a
+    /// context is cloned for every policy call.
+    pub facts: std::sync::Arc<Facts>,
 }
 
 impl Context {
@@ -171,11 +225,23 @@ pub enum Failure {
     ConnectionLost(String),
     /// The TLS step timed out.
     Timeout(String),
+    /// A DNSSEC answer the requirement depends on is bogus (before connecting).
+    DnssecBogus(String),
+    /// The TLSA lookup failed (before connecting; RFC 7672 §2.1.2).
+    TlsaLookupFailed(String),
+    /// Level `dane` without a usable TLSA set (before connecting).
+    DaneRequired(String),
+    /// Basis `sts` without a usable MTA-STS policy (before connecting).
+    StsPolicyUnavailable(String),
+    /// Basis `sts`, enforce mode, MX host not listed (before connecting).
+    StsMxMismatch(String),
+    /// The certificate matches no TLSA record.
+    TlsaMismatch(String),
 }
 
 impl Failure {
     /// Every class name, in contract order (for `policy explain --failure`).
-    pub const CLASSES: [&'static str; 10] = [
+    pub const CLASSES: [&'static str; 16] = [
         "starttls-not-offered",
         "starttls-refused",
         "handshake-failed",
@@ -186,6 +252,12 @@ impl Failure {
         "tls-version-too-old",
         "connection-lost",
         "timeout",
+        "dnssec-bogus",
+        "tlsa-lookup-failed",
+        "dane-required",
+        "sts-policy-unavailable",
+        "sts-mx-mismatch",
+        "tlsa-mismatch",
     ];
 
     /// The class name.
@@ -201,7 +273,46 @@ impl Failure {
             Failure::TlsVersionTooOld(_) => "tls-version-too-old",
             Failure::ConnectionLost(_) => "connection-lost",
             Failure::Timeout(_) => "timeout",
+            Failure::DnssecBogus(_) => "dnssec-bogus",
+            Failure::TlsaLookupFailed(_) => "tlsa-lookup-failed",
+            Failure::DaneRequired(_) => "dane-required",
+            Failure::StsPolicyUnavailable(_) => "sts-policy-unavailable",
+            Failure::StsMxMismatch(_) => "sts-mx-mismatch",
+            Failure::TlsaMismatch(_) => "tlsa-mismatch",
         }
+    }
+
+    /// The detail text, for the cases that carry one.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Failure::StarttlsNotOffered | Failure::StarttlsRefused { .. } => None,
+            Failure::HandshakeFailed(d)
+            | Failure::CertificateUntrusted(d)
+            | Failure::CertificateExpired(d)
+            | Failure::CertificateNotYetValid(d)
+            | Failure::CertificateNameMismatch(d)
+            | Failure::TlsVersionTooOld(d)
+            | Failure::ConnectionLost(d)
+            | Failure::Timeout(d)
+            | Failure::DnssecBogus(d)
+            | Failure::TlsaLookupFailed(d)
+            | Failure::DaneRequired(d)
+            | Failure::StsPolicyUnavailable(d)
+            | Failure::StsMxMismatch(d)
+            | Failure::TlsaMismatch(d) => Some(d),
+        }
+    }
+
+    /// Whether the failure was found before connecting (a precondition of the requirement).
+    pub fn is_precondition(&self) -> bool {
+        matches!(
+            self,
+            Failure::DnssecBogus(_)
+                | Failure::TlsaLookupFailed(_)
+                | Failure::DaneRequired(_)
+                | Failure::StsPolicyUnavailable(_)
+                | Failure::StsMxMismatch(_)
+        )
     }
 
     /// A failure of the named class with a placeholder detail (for `policy explain`).
@@ -220,6 +331,12 @@ impl Failure {
             "tls-version-too-old" => Failure::TlsVersionTooOld(detail()),
             "connection-lost" => Failure::ConnectionLost(detail()),
             "timeout" => Failure::Timeout(detail()),
+            "dnssec-bogus" => Failure::DnssecBogus(detail()),
+            "tlsa-lookup-failed" => Failure::TlsaLookupFailed(detail()),
+            "dane-required" => Failure::DaneRequired(detail()),
+            "sts-policy-unavailable" => Failure::StsPolicyUnavailable(detail()),
+            "sts-mx-mismatch" => Failure::StsMxMismatch(detail()),
+            "tlsa-mismatch" => Failure::TlsaMismatch(detail()),
             _ => return None,
         })
     }
@@ -242,14 +359,7 @@ impl fmt::Display for Failure {
         match self {
             Failure::StarttlsNotOffered => f.write_str("STARTTLS not offered"),
             Failure::StarttlsRefused { code, text } => write!(f, "STARTTLS refused: {code} {text}"),
-            Failure::HandshakeFailed(d)
-            | Failure::CertificateUntrusted(d)
-            | Failure::CertificateExpired(d)
-            | Failure::CertificateNotYetValid(d)
-            | Failure::CertificateNameMismatch(d)
-            | Failure::TlsVersionTooOld(d)
-            | Failure::ConnectionLost(d)
-            | Failure::Timeout(d) => write!(f, "{}: {d}", self.class()),
+            _ => write!(f, "{}: {}", self.class(), self.detail().unwrap_or_default()),
         }
     }
 }

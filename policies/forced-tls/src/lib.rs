@@ -1,7 +1,7 @@
 //! `forced-tls`: TLS is mandatory for listed domains.
 //!
 //! For every listed domain the relay must establish TLS at the configured level (`encrypt`,
-//! `verify` or `secure`) or not deliver at all. A TLS failure on one MX moves on to the next
+//! `dane`, `verify` or `secure`) or not deliver at all. A TLS failure on one MX moves on to the next
 //! MX; when none is left the message is deferred with a reason in Postfix's words, never
 //! bounced: the queue lifetime decides when to give up, because TLS outages are usually
 //! transient. Unlisted domains abstain, so the next policy in the chain (or the relay's
@@ -15,7 +15,11 @@
 //! ".bank.example" = "verify"                # every subdomain of it
 //! "partner.example" = { level = "secure", match = ["partner.example", ".partner-mail.example"] }
 //! "legacy.example" = { level = "encrypt", min_version = "tls13" }
+//! "connector.example" = { level = "verify", client_identity = "bank-connector" }
 //! ```
+//!
+//! `client_identity` names a client certificate configured in the relay
+//! (`[tls.client_identities.NAME]`), presented to partners whose servers require one.
 //!
 //! Settings are parsed once in `configure` and stored in the host's table, one entry per
 //! domain, so a decision costs a few table lookups whatever the size of the list.
@@ -55,6 +59,8 @@ struct Detailed {
     match_names: Vec<String>,
     #[serde(default)]
     min_version: Option<String>,
+    #[serde(default)]
+    client_identity: Option<String>,
 }
 
 impl Policy for ForcedTls {
@@ -98,14 +104,26 @@ postwarden_policy_sdk::export_policy!(ForcedTls);
 
 impl Entry {
     fn requirement(&self) -> Result<Requirement, String> {
-        let (level, match_names, min_version) = match self {
-            Entry::Level(level) => (level.as_str(), &[][..], None),
-            Entry::Detailed(d) => (d.level.as_str(), &d.match_names[..], d.min_version.as_deref()),
+        let (level, match_names, min_version, identity) = match self {
+            Entry::Level(level) => (level.as_str(), &[][..], None, None),
+            Entry::Detailed(d) => (
+                d.level.as_str(),
+                &d.match_names[..],
+                d.min_version.as_deref(),
+                d.client_identity.as_deref(),
+            ),
         };
         let level = match TlsLevel::parse(level) {
             Some(level) if level.is_forced() => level,
-            _ => return Err(format!("level `{level}` is not one of encrypt, verify, secure")),
+            _ => {
+                return Err(format!("level `{level}` is not one of encrypt, dane, verify, secure"));
+            }
         };
+        if let Some(name) = identity
+            && (name.is_empty() || name.contains([';', ',']) || name.contains(char::is_whitespace))
+        {
+            return Err(format!("`client_identity` `{name}` is not an identity name"));
+        }
         if !match_names.is_empty() && !level.is_verified() {
             return Err(format!("`match` needs level verify or secure, not {}", level.as_str()));
         }
@@ -120,7 +138,11 @@ impl Entry {
             Some("tls13") => Some(TlsVersion::Tls13),
             Some(other) => return Err(format!("min_version `{other}` is not tls12 or tls13")),
         };
-        Ok(Requirement { level, match_names: match_names.to_vec(), min_version })
+        let mut requirement = Requirement::new(level);
+        requirement.match_names = match_names.to_vec();
+        requirement.min_version = min_version;
+        requirement.client_identity = identity.map(str::to_owned);
+        Ok(requirement)
     }
 }
 
@@ -144,6 +166,19 @@ fn reason(ctx: &Context, failure: &Failure) -> String {
         Failure::TlsVersionTooOld(why) => format!("TLS version offered by {mx} is too old: {why}"),
         Failure::ConnectionLost(why) => format!("Lost connection with {mx} during TLS: {why}"),
         Failure::Timeout(why) => format!("Timed out starting TLS with {mx}: {why}"),
+        Failure::DaneRequired(why) => format!("DANE is required for {mx}, but: {why}"),
+        Failure::DnssecBogus(why) | Failure::TlsaLookupFailed(why) => {
+            format!("Cannot look up the TLSA records of {mx} ({}): {why}", failure.class())
+        }
+        Failure::TlsaMismatch(why) => {
+            format!("Server certificate of {mx} does not match its TLSA records: {why}")
+        }
+        Failure::StsPolicyUnavailable(why) | Failure::StsMxMismatch(why) => {
+            format!("MTA-STS does not allow delivery to {mx} ({}): {why}", failure.class())
+        }
+        Failure::Other(other) => {
+            format!("TLS with {mx} failed ({}): {}", other.class, other.detail)
+        }
     }
 }
 
@@ -162,9 +197,9 @@ mod tests {
     fn plans_by_most_specific_entry() {
         let host = FakeHost::configured::<ForcedTls>(SETTINGS).unwrap();
         let partner = Requirement {
-            level: TlsLevel::Secure,
             match_names: vec![".partner-mail.example".into()],
             min_version: Some(TlsVersion::Tls13),
+            ..Requirement::new(TlsLevel::Secure)
         };
         let table = [
             ("bank.example", Decision::require(TlsLevel::Verify)),
@@ -178,6 +213,21 @@ mod tests {
         for (domain, decision) in table {
             assert_eq!(ForcedTls::plan(&context(domain), &host), decision, "{domain}");
         }
+    }
+
+    #[test]
+    fn a_client_identity_and_dane_are_carried_into_the_requirement() {
+        let settings = r#"{"domains": {
+            "bank.example": {"level": "verify", "client_identity": "bank-connector"},
+            "dane.example": "dane"
+        }}"#;
+        let host = FakeHost::configured::<ForcedTls>(settings).unwrap();
+        let expected = Requirement::new(TlsLevel::Verify).with_client_identity("bank-connector");
+        assert_eq!(ForcedTls::plan(&context("bank.example"), &host), Decision::Require(expected));
+        assert_eq!(
+            ForcedTls::plan(&context("dane.example"), &host),
+            Decision::require(TlsLevel::Dane)
+        );
     }
 
     #[test]
@@ -211,6 +261,10 @@ mod tests {
             (r#"{"domains": {"a.example": {"level": "verify", "min_version": "ssl3"}}}"#, "ssl3"),
             (r#"{"domain": {}}"#, "unknown field `domain`"),
             (r#"{"domains": {"a example": "verify"}}"#, "not a domain name"),
+            (
+                r#"{"domains": {"a.example": {"level": "verify", "client_identity": "a b"}}}"#,
+                "`client_identity` `a b` is not an identity name",
+            ),
         ];
         for (settings, expected) in cases {
             let err = FakeHost::configured::<ForcedTls>(settings).unwrap_err();

@@ -14,14 +14,14 @@
 // not provide. (`jco componentize` does not work with this WIT; call componentize-js directly.)
 //
 // Binding conventions: the `host` interface is imported as the ES module
-// 'postwarden:policy/host@0.1.0' with camelCase function names; the world's exports are named
+// 'postwarden:policy/host@0.2.0' with camelCase function names; the world's exports are named
 // exports in camelCase (configure, plan, onFailure, onDelivered); record fields are camelCase
 // (ctx.mxIndex), enums are their WIT names as strings ('verify'), variants are
 // { tag: 'kebab-name', val } objects, an absent option is undefined, u64 is a BigInt.
 // `configure` returns its `result` error by throwing a *string*: throwing an Error object
 // traps the component instead ("expected a string, received [object]" on the policy's stderr).
 
-import { log, tableGet, tablePut } from 'postwarden:policy/host@0.1.0';
+import { log, tableGet, tablePut } from 'postwarden:policy/host@0.2.0';
 
 // The two lists, in the order the settings name them (and are processed).
 const LISTS = ['verify', 'encrypt'];
@@ -89,7 +89,16 @@ export function configure(settings) {
 }
 
 export function plan(ctx) {
-  return { tag: 'require', val: { level: level(ctx), matchNames: [], minVersion: undefined } };
+  return {
+    tag: 'require',
+    val: {
+      level: level(ctx),
+      matchNames: [],
+      minVersion: undefined,
+      basis: 'local',
+      clientIdentity: undefined,
+    },
+  };
 }
 
 export function onFailure(ctx, failure) {

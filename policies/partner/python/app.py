@@ -88,7 +88,13 @@ class WitWorld(wit_world.WitWorld):
 
     def plan(self, ctx: types.Context) -> types.Decision:
         return types.Decision_Require(
-            types.Requirement(level=level(ctx), match_names=[], min_version=None)
+            types.Requirement(
+                level=level(ctx),
+                match_names=[],
+                min_version=None,
+                basis=types.TlsBasis.LOCAL,
+                client_identity=None,
+            )
         )
 
     def on_failure(self, ctx: types.Context, failure: types.Failure) -> types.Action:

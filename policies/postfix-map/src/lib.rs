@@ -257,9 +257,9 @@ plain.example      may
         let host = host();
         let req = |level, names: &[&str], min| {
             Decision::Require(Requirement {
-                level,
                 match_names: names.iter().map(|s| s.to_string()).collect(),
                 min_version: min,
+                ..Requirement::new(level)
             })
         };
         let mut legacy = context("legacy.example");
