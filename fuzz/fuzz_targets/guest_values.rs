@@ -3,7 +3,8 @@
 //! relay builds from them (the TLS client configuration; a deferral's reason in a DSN).
 //!
 //! Checks: no panic; a requirement that passes is printable on one line and yields a TLS
-//! client configuration; no action that passes allows plaintext under a forced requirement,
+//! client configuration, except where the relay must fail closed (level `dane` without a DANE
+//! verifier, a client identity the relay does not configure); no action that passes allows plaintext under a forced requirement,
 //! or on a connection a failed handshake left unusable; a reason that passes cannot break the
 //! DSN's framing.
 #![no_main]
@@ -14,7 +15,7 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use postwarden::delivery::tls::TlsContext;
 use postwarden::policy::chain::{validate_action, validate_requirement};
-use postwarden::policy::{Action, Failure, Requirement, TlsLevel, TlsVersion};
+use postwarden::policy::{Action, Failure, Requirement, TlsBasis, TlsLevel, TlsVersion};
 use postwarden::queue::dsn::{DsnRecipient, build};
 
 fn level(u: &mut Unstructured) -> Result<TlsLevel> {
@@ -22,6 +23,7 @@ fn level(u: &mut Unstructured) -> Result<TlsLevel> {
         TlsLevel::None,
         TlsLevel::May,
         TlsLevel::Encrypt,
+        TlsLevel::Dane,
         TlsLevel::Verify,
         TlsLevel::Secure,
     ])?)
@@ -38,12 +40,17 @@ fn requirement(u: &mut Unstructured) -> Result<Requirement> {
         match_names.push(u.arbitrary::<String>()?);
     }
     let min_version = *u.choose(&[None, Some(TlsVersion::Tls12), Some(TlsVersion::Tls13)])?;
-    Ok(Requirement { level, match_names, min_version })
+    let basis = *u.choose(&[TlsBasis::Local, TlsBasis::Sts, TlsBasis::Dane])?;
+    let client_identity = match u.arbitrary::<bool>()? {
+        true => Some(u.arbitrary::<String>()?),
+        false => None,
+    };
+    Ok(Requirement { level, match_names, min_version, basis, client_identity })
 }
 
 fn failure(u: &mut Unstructured) -> Result<Failure> {
     let d: String = u.arbitrary()?;
-    Ok(match u.int_in_range(0..=9u8)? {
+    Ok(match u.int_in_range(0..=15u8)? {
         0 => Failure::StarttlsNotOffered,
         1 => Failure::StarttlsRefused { code: u.arbitrary()?, text: d },
         2 => Failure::HandshakeFailed(d),
@@ -53,7 +60,13 @@ fn failure(u: &mut Unstructured) -> Result<Failure> {
         6 => Failure::CertificateNameMismatch(d),
         7 => Failure::TlsVersionTooOld(d),
         8 => Failure::ConnectionLost(d),
-        _ => Failure::Timeout(d),
+        9 => Failure::Timeout(d),
+        10 => Failure::DnssecBogus(d),
+        11 => Failure::TlsaLookupFailed(d),
+        12 => Failure::DaneRequired(d),
+        13 => Failure::StsPolicyUnavailable(d),
+        14 => Failure::StsMxMismatch(d),
+        _ => Failure::TlsaMismatch(d),
     })
 }
 
@@ -83,9 +96,13 @@ fn run(u: &mut Unstructured) -> Result<()> {
     if validate_requirement(&requirement).is_ok() {
         let shown = requirement.to_string();
         assert!(!shown.contains(|c: char| c.is_control()), "{shown:?}");
-        tls()
-            .client_config(&requirement, "example.com", "mx.example.com", 25)
-            .expect("a valid requirement gives a TLS configuration");
+        let config = tls().client_config(&requirement, "example.com", "mx.example.com", 25);
+        if requirement.level == TlsLevel::Dane || requirement.client_identity.is_some() {
+            // No DANE verifier yet, and this context configures no client identity.
+            assert!(config.is_err(), "{requirement} must fail closed");
+        } else {
+            config.expect("a valid requirement gives a TLS configuration");
+        }
     }
     if validate_action(&action, &requirement, &failure).is_ok() {
         let plaintext = matches!(action, Action::ContinuePlaintext | Action::ReconnectPlaintext);

@@ -275,7 +275,18 @@ pub fn policy_check(
     let name =
         file.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
     let info = engine.check(&name, &bytes)?;
-    writeln!(out, "{}: implements postwarden:policy@{}", file.display(), info.contract_version)?;
+    let adapted = match info.contract_version.starts_with("0.1.") {
+        true => {
+            " (an earlier contract: the relay adapts it; rebuild against 0.2 for facts, dane and client certificates)"
+        }
+        false => "",
+    };
+    writeln!(
+        out,
+        "{}: implements postwarden:policy@{}{adapted}",
+        file.display(),
+        info.contract_version
+    )?;
     writeln!(out, "  sha256:   {}", info.sha256)?;
     writeln!(out, "  size:     {} bytes", bytes.len())?;
     writeln!(out, "  compile:  {:.1} ms", info.load_time.as_secs_f64() * 1000.0)?;

@@ -599,11 +599,29 @@ pub struct TlsConfig {
     /// Extra CA certificates (PEM files), e.g. a private CA or the simulator's test CA.
     #[serde(default)]
     pub ca_files: Vec<PathBuf>,
+    /// Client certificates the relay can present, by name, to destinations that require one
+    /// (mutual TLS); a policy's requirement names one (`client-identity`).
+    #[serde(default)]
+    pub client_identities: std::collections::BTreeMap<String, ClientIdentityConfig>,
+}
+
+/// `[tls.client_identities.NAME]`: a client certificate chain and its key (PEM files).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIdentityConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The leaf's private key.
+    pub key: PathBuf,
 }
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig { webpki_roots: true, ca_files: Vec::new() }
+        TlsConfig {
+            webpki_roots: true,
+            ca_files: Vec::new(),
+            client_identities: Default::default(),
+        }
     }
 }
 
@@ -634,7 +652,30 @@ impl TlsConfig {
                 ));
             }
         }
-        Ok(crate::delivery::tls::TlsContext::new(roots))
+        let mut identities = std::collections::HashMap::new();
+        for (name, identity) in &self.client_identities {
+            let at = format!("tls.client_identities.{name}");
+            if !crate::policy::types::is_identity_name(name) {
+                return Err(format!(
+                    "{at}: a name is 1 to 64 letters, digits, '.', '-' or '_' (policies use it)"
+                ));
+            }
+            let chain = rustls_pki_types::CertificateDer::pem_file_iter(&identity.cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{at}.cert ({}): {e}", identity.cert.display()))?;
+            if chain.is_empty() {
+                return Err(format!(
+                    "{at}.cert ({}): no certificate found",
+                    identity.cert.display()
+                ));
+            }
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&identity.key)
+                .map_err(|e| format!("{at}.key ({}): {e}", identity.key.display()))?;
+            let identity = crate::delivery::tls::ClientIdentity::new(chain, key)
+                .map_err(|e| format!("{at}: {e}"))?;
+            identities.insert(name.clone(), identity);
+        }
+        Ok(crate::delivery::tls::TlsContext::new(roots).with_client_identities(identities))
     }
 }
 
@@ -853,6 +894,10 @@ impl Config {
         }
         for ca in &mut self.tls.ca_files {
             resolve(ca);
+        }
+        for identity in self.tls.client_identities.values_mut() {
+            resolve(&mut identity.cert);
+            resolve(&mut identity.key);
         }
         resolve(&mut self.queue.dir);
         if let Some(socket) = &mut self.queue.control_socket {
@@ -1118,6 +1163,35 @@ fn default_table_limit_mib() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[tls.client_identities]` is checked when the config is turned into a TLS context: a
+    /// name a policy could not write, a key that is not the certificate's, or a missing file is
+    /// refused with the key's path; a matching pair loads.
+    #[test]
+    fn client_identities_are_checked_when_the_tls_context_is_built() {
+        let dir = std::env::temp_dir().join(format!("pw-identities-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["a.test".to_owned()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b.test".to_owned()]).unwrap();
+        std::fs::write(dir.join("a.pem"), a.cert.pem()).unwrap();
+        std::fs::write(dir.join("a.key"), a.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("b.key"), b.signing_key.serialize_pem()).unwrap();
+        let context = |name: &str, key: &str| {
+            let text = format!(
+                "[tls]\nwebpki_roots = false\n[tls.client_identities.\"{name}\"]\n\
+                 cert = \"a.pem\"\nkey = \"{key}\"\n"
+            );
+            Config::parse(&text, &dir.join("relay.toml")).unwrap().tls.context().map(drop)
+        };
+        assert_eq!(context("partner", "a.key"), Ok(()));
+        let err = context("partner", "b.key").unwrap_err();
+        assert!(err.starts_with("tls.client_identities.partner: the key does not belong"), "{err}");
+        let err = context("two words", "a.key").unwrap_err();
+        assert!(err.contains("a name is 1 to 64 letters"), "{err}");
+        let err = context("partner", "missing.key").unwrap_err();
+        assert!(err.starts_with("tls.client_identities.partner.key ("), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// What SIGHUP may change and what it must refuse, by key name.
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! For every MX host: is STARTTLS offered, which TLS version and cipher, which names the
 //! certificate carries, does it verify for the MX host name (`verify`) and for the domain
-//! (`secure`), and what the configured chain would decide. It ends with a plain verdict.
+//! (`secure`), and what the configured chain would decide. When the chain's requirement names a
+//! client identity (mutual TLS), the probe presents that certificate too, as a delivery would.
+//! It ends with a plain verdict.
 //! Nothing is sent beyond EHLO and STARTTLS: no MAIL, no message.
 
 use std::fmt::Write as _;
@@ -59,9 +61,17 @@ pub async fn probe(config: &Config, chain: &Chain, domain: &str) -> anyhow::Resu
                 writeln!(out, "  policy:       defer {code} {reason}")?
             }
         }
+        let identity = match &plan.verdict {
+            Verdict::Require(r) => r.client_identity.clone(),
+            Verdict::Defer { .. } => None,
+        };
+        if let Some(name) = &identity {
+            writeln!(out, "  client cert:  {name} (from [tls.client_identities], presented)")?;
+        }
         let mut offered = None;
         for level in [TlsLevel::Verify, TlsLevel::Secure] {
-            let requirement = Requirement::new(level);
+            let mut requirement = Requirement::new(level);
+            requirement.client_identity = identity.clone();
             let (client, _) = match Client::connect(addr, timeouts).await {
                 Ok(pair) if pair.1.code() == 220 => pair,
                 Ok((_, greeting)) => {

@@ -436,3 +436,78 @@ async fn smtputf8_goes_where_offered_and_bounces_where_not() {
         [format!("MAIL FROM:<sender@postwarden.test> SIZE={}", ascii.body.len())]
     );
 }
+
+/// Mutual TLS (issue 17 item 4): a requirement naming a configured client identity presents
+/// that certificate, and a server that requires one (HS-09) accepts the message over TLS; the
+/// same forced requirement without an identity never delivers (TLS 1.3 reports the missing
+/// certificate only after the handshake, at the first read), and a name the relay does not
+/// configure defers before STARTTLS, never falling back to "no certificate".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_client_identity_is_presented_to_a_server_that_requires_one() {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use postwarden::delivery::Deliverer;
+    use postwarden::delivery::client::Timeouts;
+    use postwarden::delivery::route::{HickoryResolver, Router};
+    use postwarden::delivery::tls::{ClientIdentity, TlsContext};
+
+    let (fleet, _) = sim::fleet(&["HS-09"]).await.unwrap();
+    let deliverer = |identities: HashMap<String, ClientIdentity>| {
+        let router = Router::new(
+            Box::new(HickoryResolver::new(&[fleet.dns_addr()]).unwrap()),
+            fleet.port(),
+            HashMap::new(),
+            Some(1),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(fleet.ca().root_der().clone()).unwrap();
+        Deliverer::new(
+            router,
+            TlsContext::new(roots).with_client_identities(identities),
+            Timeouts::all(Duration::from_secs(2)),
+            "relay.postwarden.test",
+        )
+    };
+    let client = fleet.ca().client_identity("relay.postwarden.test").unwrap();
+    let identity = ClientIdentity::new(client.chain.clone(), client.key.clone_key()).unwrap();
+    let with_identity = deliverer(HashMap::from([("partner".to_owned(), identity)]));
+    let chain_naming = |name: &str| {
+        chains::load(&format!(
+            "[[policy]]\nname = \"forced\"\npath = \"{{wasm:forced-tls}}\"\n[policy.settings.domains]\n\
+             \"hs-09.sim.test\" = {{ level = \"verify\", client_identity = \"{name}\" }}\n"
+        ))
+        .unwrap()
+    };
+
+    let (partner, _e1, _d1) = chain_naming("partner");
+    let outcome = sim::send(&with_identity, &partner, "hs-09.sim.test", false, false).await;
+    match status(&outcome) {
+        Status::Delivered { tls: Some(tls), requirement, .. } => {
+            assert!(tls.verified);
+            assert_eq!(requirement, "verify cert=partner");
+        }
+        other => panic!("expected a TLS delivery with the client certificate, got {other:?}"),
+    }
+    assert_eq!(sim::received(&fleet, "hs-09.sim.test", "MAIL").len(), 1);
+
+    // The same forced level with no identity: no MAIL ever reaches the server.
+    let (anonymous, _e2, _d2) = chains::load(FORCED).unwrap();
+    let outcome = sim::send(&with_identity, &anonymous, "hs-09.sim.test", false, false).await;
+    assert!(matches!(status(&outcome), Status::Deferred { .. }), "{outcome:?}");
+    assert_eq!(sim::received(&fleet, "hs-09.sim.test", "MAIL").len(), 1, "no second MAIL");
+
+    // A name the relay does not configure: deferred, naming it, before STARTTLS.
+    let connections = fleet.transcript("hs-09.sim.test").connections.len();
+    let (unknown, _e3, _d3) = chain_naming("nobody");
+    let outcome = sim::send(&with_identity, &unknown, "hs-09.sim.test", false, false).await;
+    match status(&outcome) {
+        Status::Deferred { code, reason } => {
+            assert_eq!(code, "4.7.5");
+            assert!(reason.contains("client identity `nobody`"), "{reason}");
+        }
+        other => panic!("expected a deferral, got {other:?}"),
+    }
+    assert_eq!(fleet.transcript("hs-09.sim.test").connections.len(), connections + 1);
+    assert!(sim::received(&fleet, "hs-09.sim.test", "STARTTLS").len() == 2, "not a third");
+}

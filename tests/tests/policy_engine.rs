@@ -568,3 +568,76 @@ fn a_failed_reload_keeps_the_running_chain() {
     handle.reload(&engine, &good).unwrap();
     assert_eq!(level(&handle.current().plan(&ctx("bank.example")).verdict), TlsLevel::Encrypt);
 }
+
+/// The `facts` imports reach a 0.2 guest with the values of the attempt being decided, and a
+/// precondition failure found from them (here `dane-required`) reaches its `on-failure` as its
+/// own class. The `facts` mode of the fixture decides from them.
+#[test]
+fn facts_reach_the_guest_for_the_attempt_being_decided() {
+    use std::sync::Arc;
+
+    use postwarden::policy::TlsBasis;
+    use postwarden::policy::facts::{
+        DaneStatus, DnssecStatus, Facts, StsMode, StsPolicy, StsStatus, TlsaRecord,
+    };
+
+    let (chain, _engine, _dir) = chains::load(&broken("facts")).unwrap();
+    let requirement = |facts: Facts| {
+        let mut c = ctx("facts.example");
+        c.facts = Arc::new(facts);
+        match chain.plan(&c).verdict {
+            Verdict::Require(r) => (r.level, r.basis),
+            Verdict::Defer { code, reason } => panic!("defer {code} {reason}"),
+        }
+    };
+    // Not looked up: what the relay answers today.
+    assert_eq!(requirement(Facts::default()), (TlsLevel::Encrypt, TlsBasis::Local));
+    let dane_ee = TlsaRecord { usage: 3, selector: 1, matching: 1, data: vec![7; 32] };
+    let secure = Facts {
+        mx_dnssec: DnssecStatus::Secure,
+        host_dnssec: DnssecStatus::Secure,
+        dane: DaneStatus::Usable(vec![dane_ee]),
+        ..Facts::default()
+    };
+    assert_eq!(requirement(secure), (TlsLevel::Dane, TlsBasis::Dane));
+    let sts = |mx_matches| Facts {
+        sts: StsStatus::Policy(StsPolicy {
+            id: "20261203".into(),
+            mode: StsMode::Enforce,
+            mx: vec!["mx.facts.example".into()],
+            max_age: 604_800,
+            fetched_at: 0,
+            mx_matches,
+            refresh_error: None,
+        }),
+        ..Facts::default()
+    };
+    assert_eq!(requirement(sts(true)), (TlsLevel::Verify, TlsBasis::Sts));
+    assert_eq!(requirement(sts(false)), (TlsLevel::May, TlsBasis::Local));
+
+    // `dane` without usable records: the host's precondition names the class, and the
+    // policy's `on-failure` sees that very class.
+    let c = ctx("facts.example");
+    let dane = Requirement { basis: TlsBasis::Dane, ..Requirement::new(TlsLevel::Dane) };
+    let failure = c.facts.precondition(&dane).unwrap();
+    assert_eq!(failure.class(), "dane-required");
+    let mut with_facts = c.clone();
+    with_facts.facts = Arc::new(Facts {
+        dane: DaneStatus::Usable(vec![TlsaRecord {
+            usage: 3,
+            selector: 1,
+            matching: 1,
+            data: vec![7; 32],
+        }]),
+        ..Facts::default()
+    });
+    let plan = chain.plan(&with_facts);
+    let response = chain.on_failure(&plan, &with_facts, &failure);
+    match response.action {
+        Action::Defer { code, reason } => {
+            assert_eq!(code, "4.7.5");
+            assert_eq!(reason, "facts policy saw dane-required");
+        }
+        other => panic!("expected the policy's deferral, got {other}"),
+    }
+}

@@ -11,6 +11,11 @@
 //! Handshake signatures are always checked, whatever the level. Revocation is not checked
 //! (as in most MTAs; documented). SNI is the MX host name.
 //!
+//! A requirement may name a client identity (`[tls.client_identities.NAME]`): the relay then
+//! presents that certificate when the server asks for one, for partners whose servers require
+//! mutual TLS. The identity is part of the requirement, so it is part of the configuration's
+//! key: a session resumed under one identity is never offered under another or under none.
+//!
 //! TLS sessions resume. rustls resumes a session only under the verifier instance that checked
 //! it, so there is one verifier (and one client configuration) per requirement and set of
 //! acceptable names: a session checked under `may` can never stand in for a `verify` check.
@@ -30,7 +35,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::policy::{Failure, Requirement, TlsLevel, TlsVersion};
 
@@ -41,6 +46,32 @@ pub struct TlsContext {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     configs: Arc<Mutex<Configs>>,
+    identities: Arc<HashMap<String, ClientIdentity>>,
+}
+
+/// A client certificate chain and its key, checked to belong together.
+#[derive(Debug)]
+pub struct ClientIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl ClientIdentity {
+    /// Checks that `key` can sign and is the key of the chain's leaf.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, String> {
+        let provider = rustls::crypto::ring::default_provider();
+        let signing = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| format!("the key cannot sign: {e}"))?;
+        rustls::sign::CertifiedKey::new(chain.clone(), signing)
+            .keys_match()
+            .map_err(|e| format!("the key does not belong to the certificate: {e}"))?;
+        Ok(ClientIdentity { chain, key })
+    }
 }
 
 /// Client configurations by requirement, the names a certificate may match under it, and the
@@ -62,7 +93,15 @@ impl TlsContext {
             roots: Arc::new(roots),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             configs: Arc::default(),
+            identities: Arc::default(),
         }
+    }
+
+    /// The same context, able to present `identities` (by name) to servers that ask.
+    pub fn with_client_identities(mut self, identities: HashMap<String, ClientIdentity>) -> Self {
+        self.identities = Arc::new(identities);
+        self.configs = Arc::default();
+        self
     }
 
     /// The public web PKI roots (webpki-roots) plus `extra` PEM CA files' contents.
@@ -139,12 +178,22 @@ impl TlsContext {
             Some(TlsVersion::Tls13) => &[&rustls::version::TLS13],
             _ => &[&rustls::version::TLS13, &rustls::version::TLS12],
         };
-        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(versions)
             .map_err(|e| format!("TLS versions: {e}"))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier.clone())
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier.clone());
+        let mut config = match &requirement.client_identity {
+            None => builder.with_no_client_auth(),
+            Some(name) => {
+                let identity = self.identities.get(name).ok_or_else(|| {
+                    format!("the policy named client identity `{name}`, which [tls.client_identities] does not configure")
+                })?;
+                builder
+                    .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+                    .map_err(|e| format!("client identity `{name}`: {e}"))?
+            }
+        };
         config.resumption = rustls::client::Resumption::store(Arc::new(
             rustls::client::ClientSessionMemoryCache::new(SESSIONS_PER_CONFIG),
         ));

@@ -487,6 +487,11 @@ pub fn validate_requirement(requirement: &Requirement) -> Result<(), String> {
             return Err(format!("match name {name:?} is not a host name"));
         }
     }
+    if let Some(name) = &requirement.client_identity
+        && !crate::policy::types::is_identity_name(name)
+    {
+        return Err(format!("client identity {name:?} is not an identity name"));
+    }
     Ok(())
 }
 

@@ -144,6 +144,13 @@ impl fmt::Display for Requirement {
     }
 }
 
+/// Whether `name` can name a client identity: what configs and policies may write (it is
+/// also written into logs and the requirement's one-line form).
+pub fn is_identity_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
 /// One policy's answer to `plan`.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub enum Decision {

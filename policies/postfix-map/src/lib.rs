@@ -117,11 +117,14 @@ fn parse_table(text: &str) -> Result<Vec<Entry>, String> {
             return Err(fail(format!("expected `key level [attr=value...]`, found `{line}`")));
         };
         let key = parse_key(key).map_err(fail)?;
+        // Checked before parsing: Postfix's `dane` is opportunistic (DANE when TLSA records
+        // are usable, else `may`), not the contract's mandatory `dane`, which is Postfix's
+        // `dane-only`; both wait for the relay to gather TLSA records.
+        if matches!(level, "dane" | "dane-only" | "fingerprint") {
+            return Err(fail(format!("level `{level}` is not supported yet")));
+        }
         let level = match TlsLevel::parse(level) {
             Some(level) => level,
-            None if matches!(level, "dane" | "dane-only" | "fingerprint") => {
-                return Err(fail(format!("level `{level}` is not supported yet")));
-            }
             None => return Err(fail(format!("unknown level `{level}`"))),
         };
         let mut requirement = Requirement::new(level);
