@@ -32,7 +32,7 @@ pub use engine::{
 pub use instance::{Limits, LoadedPolicy, PolicyFault};
 pub use kv::{FileKv, KvStore, MemoryKv};
 pub use types::{
-    Action, Context, Decision, DeliveryReport, Failure, Facts, Requirement, TlsBasis, TlsLevel,
+    Action, Context, Decision, DeliveryReport, Facts, Failure, Requirement, TlsBasis, TlsLevel,
     TlsVersion,
 };
 
