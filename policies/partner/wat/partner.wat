@@ -80,12 +80,32 @@
   ;;                      other-failure 4)
   ;;   delivery-report -> 14 values (requirement 9, tls-version 2, cipher 2, the bool 1)
   ;;
-  ;; The types below are the ones the exports reach, in the interface's order, each after the
-  ;; types it uses (so other-failure precedes failure); the fact types (dnssec-status,
-  ;; sts-status, dane-status and theirs) only matter to `facts`, which this policy does not
-  ;; import.
+  ;; The instance below declares the types the exports reach, in the order wit-component
+  ;; 0.258 gives them: the world's `use types.{context, decision, failure, action,
+  ;; delivery-report}` in that order, each preceded by the types it uses that are not declared
+  ;; yet (decision brings tls-level, tls-version, tls-basis and requirement; failure brings
+  ;; smtp-reply and other-failure). wit-component adds the fact types (dnssec-status, sts-mode,
+  ;; sts-policy, sts-status, tlsa-record, dane-status) only when the component imports
+  ;; `facts`, which this policy does not. The relay accepts either form, in any order: it
+  ;; type-checks the exported (and imported) functions against its own, structurally, which
+  ;; checks every type they reach (a wrong case in `failure` is refused, naming it), and it
+  ;; does not check the instance's other type exports. (wit-component also re-imports the five
+  ;; used types at the top level, `(import "context" (type (eq ...)))`; the aliases below do
+  ;; the same job.)
   ;; ===========================================================================================
   (import "postwarden:policy/types@0.2.0" (instance $types
+    (type $context' (record
+      (field "domain" string)
+      (field "mx-host" string)
+      (field "ip" string)
+      (field "mx-preference" u16)
+      (field "mx-index" u32)
+      (field "mx-count" u32)
+      (field "attempt" u32)
+      (field "message-age" u64)
+      (field "requiretls" bool)
+      (field "tls-required-no" bool)))
+    (export "context" (type (eq $context')))
     (type $tls-level' (enum "none" "may" "encrypt" "dane" "verify" "secure"))
     (export "tls-level" (type $tls-level (eq $tls-level')))
     (type $tls-version' (enum "tls12" "tls13"))
@@ -103,18 +123,6 @@
       (case "abstain")
       (case "require" $requirement)))
     (export "decision" (type (eq $decision')))
-    (type $context' (record
-      (field "domain" string)
-      (field "mx-host" string)
-      (field "ip" string)
-      (field "mx-preference" u16)
-      (field "mx-index" u32)
-      (field "mx-count" u32)
-      (field "attempt" u32)
-      (field "message-age" u64)
-      (field "requiretls" bool)
-      (field "tls-required-no" bool)))
-    (export "context" (type (eq $context')))
     (type $smtp-reply' (record
       (field "code" u16)
       (field "text" string)))
