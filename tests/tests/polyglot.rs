@@ -1,7 +1,8 @@
 //! One policy, four languages: the Rust, Python, JavaScript and WAT editions of `partner`
 //! (policies/partner/README.md) make the same decisions and reject the same bad settings, with
 //! the relay's default limits; and a Python guest that reaches for files, sockets and the
-//! environment gets errors, not access.
+//! environment gets errors, not access. The 0.1 editions (tests/fixtures/policy-0.1) still load,
+//! adapted, and decide as the current ones do.
 //!
 //! The catalogue run for every edition is in `conformance/tests/polyglot.rs`.
 
@@ -9,15 +10,16 @@
 
 use std::io::Read as _;
 use std::net::TcpListener;
+use std::process::Command;
 use std::time::Duration;
 
 use postwarden::policy::{
-    Action, Chain, Context, Failure, LoadError, PolicyEngine, PolicyFault, Requirement, TlsLevel,
-    Verdict,
+    Action, Chain, Context, DeliveryReport, Failure, LoadError, PolicyEngine, PolicyFault,
+    Requirement, TlsBasis, TlsLevel, TlsVersion, Verdict,
 };
 use postwarden_tests::chains;
 use postwarden_tests::polyglot::{self, Lang};
-use postwarden_tests::wasm::target_dir;
+use postwarden_tests::wasm::{self, target_dir, workspace_root};
 
 /// A chain of one policy with default limits. The compile cache is shared between test runs
 /// (it is keyed by content and engine), so the Python and JavaScript editions are compiled
@@ -221,4 +223,149 @@ fn a_python_exception_is_named_in_the_fault() {
     let text = format!("{err:#}");
     assert!(text.contains("trapped"), "{text}");
     assert!(text.contains("RuntimeError: settings look odd"), "{text}");
+}
+
+/// The `partner` editions built against `postwarden:policy@0.1.0`: the hand-written WAT as it
+/// was, and a committed Rust build.
+const CONTRACT_0_1: [&str; 2] = ["partner.wat", "partner.wasm"];
+
+fn contract_0_1(file: &str) -> std::path::PathBuf {
+    workspace_root().join("tests/fixtures/policy-0.1").join(file)
+}
+
+/// One failure of every class the host knows, those only 0.2 names included (they reach a 0.1
+/// guest as the nearest 0.1 class).
+fn every_failure() -> Vec<Failure> {
+    let failures = vec![
+        Failure::StarttlsNotOffered,
+        Failure::StarttlsRefused { code: 454, text: "TLS not available".into() },
+        Failure::HandshakeFailed("alert".into()),
+        Failure::CertificateUntrusted("self-signed".into()),
+        Failure::CertificateExpired("expired".into()),
+        Failure::CertificateNotYetValid("not yet".into()),
+        Failure::CertificateNameMismatch("mx.other".into()),
+        Failure::TlsVersionTooOld("TLS 1.1".into()),
+        Failure::ConnectionLost("reset".into()),
+        Failure::Timeout("10s".into()),
+        Failure::DnssecBogus("MX RRSIG expired".into()),
+        Failure::TlsaLookupFailed("SERVFAIL".into()),
+        Failure::DaneRequired("no TLSA records".into()),
+        Failure::StsPolicyUnavailable("fetch failed".into()),
+        Failure::StsMxMismatch("mx not listed".into()),
+        Failure::TlsaMismatch("no record matches".into()),
+    ];
+    assert_eq!(failures.len(), Failure::CLASSES.len(), "a failure class is missing here");
+    failures
+}
+
+/// The relay adapts components built against 0.1.0: both 0.1 editions of `partner` load and
+/// say so, answer every plan, failure (of every class) and delivery exactly as the 0.2 Rust and
+/// WAT editions do, and pass the partner conformance run over the whole catalogue.
+#[test]
+fn contract_0_1_editions_load_adapted_and_decide_as_the_0_2_editions() {
+    let engine = PolicyEngine::new(&Default::default()).unwrap();
+    let current: Vec<(&str, Chain, PolicyEngine)> = [Lang::Rust, Lang::Wat]
+        .into_iter()
+        .map(|lang| {
+            let path = polyglot::partner(lang);
+            let info = engine.check(lang.name(), &std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(info.contract_version, "0.2.0", "{}", lang.name());
+            let (chain, engine) = load("partner", &path, SETTINGS).unwrap();
+            (lang.name(), chain, engine)
+        })
+        .collect();
+    let report = DeliveryReport {
+        requirement: Requirement {
+            basis: TlsBasis::Sts,
+            client_identity: Some("partner-client".into()),
+            ..Requirement::new(TlsLevel::Verify)
+        },
+        tls_version: Some(TlsVersion::Tls13),
+        cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        certificate_verified: true,
+    };
+    let sim = wasm::binary("postwarden-conformance", "postwarden-sim");
+    let dir = polyglot::partner_dir();
+
+    for file in CONTRACT_0_1 {
+        let path = contract_0_1(file);
+        let info = engine.check(file, &std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(info.contract_version, "0.1.0", "{file}");
+        assert!(
+            info.imports.iter().all(|name| name.ends_with("@0.1.0")),
+            "{file}: {:?}",
+            info.imports
+        );
+        let (old, _engine) =
+            load("partner", &path, SETTINGS).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+
+        for (edition, chain, _) in &current {
+            for domain in DOMAINS {
+                let want = chain.plan(&ctx(domain, 0, 2));
+                let got = old.plan(&ctx(domain, 0, 2));
+                assert_eq!(got.verdict, want.verdict, "{file} vs {edition}: plan({domain})");
+                assert_eq!(got.verdict, Verdict::Require(Requirement::new(spec_plan(domain))));
+                for (mx_index, mx_count) in [(0, 2), (1, 2), (0, 1)] {
+                    let ctx = ctx(domain, mx_index, mx_count);
+                    for failure in every_failure() {
+                        assert_eq!(
+                            describe(&old.on_failure(&got, &ctx, &failure).action),
+                            describe(&chain.on_failure(&want, &ctx, &failure).action),
+                            "{file} vs {edition}: on-failure({domain}, mx {mx_index}/{mx_count}, \
+                             {failure:?})"
+                        );
+                    }
+                }
+                // A report under a requirement 0.1 cannot express (basis, client identity)
+                // reaches both; neither learns from it, neither faults.
+                let ctx = ctx(domain, 0, 2);
+                old.policies()[0].on_delivered(&ctx, &report).unwrap();
+                chain.policies()[0].on_delivered(&ctx, &report).unwrap();
+            }
+        }
+        let stats = old.policies()[0].stats();
+        assert_eq!(stats.faults.load(std::sync::atomic::Ordering::Relaxed), 0, "{file}");
+
+        let output = Command::new(&sim)
+            .arg("conformance")
+            .arg("--policy")
+            .arg(&path)
+            .arg("--settings")
+            .arg(dir.join("settings.json"))
+            .arg("--expect")
+            .arg(dir.join("expect.toml"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let summary = stdout.lines().last().unwrap_or_default();
+        let passed: usize =
+            summary.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or_default();
+        assert!(
+            output.status.success() && summary.contains(", 0 failed") && passed >= 100,
+            "{file}: conformance {}: {summary}\n{stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        eprintln!("{file} (0.1.0): {summary}");
+    }
+}
+
+/// A component built against a contract version the relay does not load (here the 0.1 WAT
+/// edition renamed to 0.3.0) is refused at load, naming the version it found and the versions
+/// the relay loads.
+#[test]
+fn a_component_built_against_an_unknown_contract_version_is_refused() {
+    let text = std::fs::read_to_string(contract_0_1("partner.wat")).unwrap();
+    assert!(text.contains("postwarden:policy/host@0.1.0"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("partner-0.3.wat");
+    std::fs::write(&path, text.replace("@0.1.0", "@0.3.0")).unwrap();
+
+    let err = load("partner", &path, SETTINGS).map(|_| ()).unwrap_err();
+    let reason = match err.downcast_ref::<LoadError>() {
+        Some(LoadError::Contract { name, reason }) if name == "partner" => reason,
+        _ => panic!("not a contract error: {err:#}"),
+    };
+    assert!(reason.contains("built against postwarden:policy@0.3.0"), "{reason}");
+    assert!(reason.contains("this relay loads 0.1.x and 0.2.x"), "{reason}");
 }

@@ -2,18 +2,22 @@
 ;;
 ;; This is the WAT edition of the policy specified in policies/partner/README.md (the Rust
 ;; edition, policies/partner/rust/src/lib.rs, is the reference). It implements the world
-;; `postwarden:policy/policy@0.1.0` (policy-sdk/wit/policy.wit) and is loaded by the relay
+;; `postwarden:policy/policy@0.2.0` (policy-sdk/wit/policy.wit) and is loaded by the relay
 ;; as text: no toolchain produces it, so every canonical-ABI detail below is spelled out.
+;; (Its 0.1.0 form is kept as tests/fixtures/policy-0.1/partner.wat, which the relay still
+;; loads and adapts.)
 ;;
 ;; What it does: domains listed under `verify` get verified TLS, domains listed under
 ;; `encrypt` get unverified TLS, everyone else is opportunistic (`may`). An entry `name`
 ;; matches that domain only; an entry `.name` matches every subdomain of `name`.
 ;;
 ;; Structure of the component:
-;;   1. type-only import `postwarden:policy/types@0.1.0` (the records/variants the exports use;
+;;   1. type-only import `postwarden:policy/types@0.2.0` (the records/variants the exports use;
 ;;      exported functions may only mention named types, so they come from this import exactly
 ;;      as wit-component would arrange it);
-;;   2. import `postwarden:policy/host@0.1.0`: log, table-put, table-get (nothing else);
+;;   2. import `postwarden:policy/host@0.2.0`: log, table-put, table-get (nothing else). The
+;;      world also imports `postwarden:policy/facts@0.2.0`, but a component imports only the
+;;      functions it calls, and this policy reads no facts, so it does not import it;
 ;;   3. core module $Mem: the linear memory and `cabi_realloc` (a bump allocator). It is a
 ;;      separate module so that the host functions can be lowered against its memory and
 ;;      realloc *before* the main module, which imports the lowered functions, is instantiated;
@@ -38,46 +42,58 @@
   ;; 1. The contract's types, imported from the type-only interface.
   ;;
   ;; Canonical-ABI layouts (size/alignment; offsets from the start of the value):
-  ;;   tls-level        enum, 5 cases  -> u8 (none=0 may=1 encrypt=2 verify=3 secure=4)
+  ;;   tls-level        enum, 6 cases  -> u8 (none=0 may=1 encrypt=2 dane=3 verify=4 secure=5)
   ;;   tls-version      enum, 2 cases  -> u8 (tls12=0 tls13=1)
+  ;;   tls-basis        enum, 3 cases  -> u8 (local=0 sts=1 dane=2)
   ;;   string           ptr:i32 @0, len:i32 @4                         size 8,  align 4
   ;;   requirement      level u8 @0, match-names list<string> @4 (ptr, len),
-  ;;                    min-version option<tls-version> @12 (tag u8 @12, value u8 @13)
-  ;;                                                                   size 16, align 4
-  ;;   decision         tag u8 @0 (abstain=0 require=1), requirement @4  size 20, align 4
+  ;;                    min-version option<tls-version> @12 (tag u8 @12, value u8 @13),
+  ;;                    basis u8 @14, client-identity option<string> @16 (tag u8 @16,
+  ;;                    string ptr @20, len @24)                       size 28, align 4
+  ;;   decision         tag u8 @0 (abstain=0 require=1), requirement @4  size 32, align 4
   ;;   context          domain @0, mx-host @8, ip @16 (strings), mx-preference u16 @24,
   ;;                    mx-index u32 @28, mx-count u32 @32, attempt u32 @36,
   ;;                    message-age u64 @40, requiretls bool @48, tls-required-no bool @49
   ;;                                                                   size 56, align 8
   ;;   smtp-reply       code u16 @0, text string @4                    size 12, align 4
+  ;;   other-failure    class string @0, detail string @8              size 16, align 4
   ;;   failure          tag u8 @0 (starttls-not-offered=0, starttls-refused=1,
-  ;;                    handshake-failed=2, ... timeout=9), payload @4 (smtp-reply or string)
-  ;;                                                                   size 16, align 4
+  ;;                    handshake-failed=2, ... timeout=9, dnssec-bogus=10,
+  ;;                    tlsa-lookup-failed=11, dane-required=12, sts-policy-unavailable=13,
+  ;;                    sts-mx-mismatch=14, tlsa-mismatch=15, other=16; 17 cases fit a u8),
+  ;;                    payload @4 (smtp-reply, string or other-failure; the largest,
+  ;;                    other-failure, sets the size)                  size 20, align 4
   ;;   action           tag u8 @0 (continue-plaintext=0, reconnect-plaintext=1, next-mx=2,
   ;;                    defer=3, bounce=4), payload string @4          size 12, align 4
-  ;;   delivery-report  requirement @0, tls-version option<tls-version> @16, cipher string @20,
-  ;;                    certificate-verified bool @28                  size 32, align 4
+  ;;   delivery-report  requirement @0, tls-version option<tls-version> @28, cipher string @32,
+  ;;                    certificate-verified bool @40                  size 44, align 4
   ;;
   ;; Flattened (core) forms: a string is two i32 (ptr, len); bool, enums, u16 and u32 are one
-  ;; i32; u64 is one i64; a variant is its tag (i32) followed by the joined payload slots.
+  ;; i32; u64 is one i64; an option is its tag (i32) followed by the value's slots; a variant
+  ;; is its tag (i32) followed by the payload slots joined position by position (as long as
+  ;; the longest payload; here every slot is i32, so no slot has to widen).
+  ;;   requirement     -> 9 values: level, match-names (ptr, len), min-version (tag, value),
+  ;;                      basis, client-identity (tag, ptr, len)
+  ;;   decision        -> 10 values (tag, then the requirement's 9)
   ;;   context         -> 13 values: 6 x i32 (3 strings), 4 x i32, i64, 2 x i32
-  ;;   failure         -> 4 values (tag, then i32 i32 i32 for smtp-reply / string)
-  ;;   delivery-report -> 10 values
+  ;;   failure         -> 5 values (tag, then 4 x i32: smtp-reply is 3, a string 2,
+  ;;                      other-failure 4)
+  ;;   delivery-report -> 14 values (requirement 9, tls-version 2, cipher 2, the bool 1)
+  ;;
+  ;; The instance below declares the types the exports reach, in the order wit-component
+  ;; 0.258 gives them: the world's `use types.{context, decision, failure, action,
+  ;; delivery-report}` in that order, each preceded by the types it uses that are not declared
+  ;; yet (decision brings tls-level, tls-version, tls-basis and requirement; failure brings
+  ;; smtp-reply and other-failure). wit-component adds the fact types (dnssec-status, sts-mode,
+  ;; sts-policy, sts-status, tlsa-record, dane-status) only when the component imports
+  ;; `facts`, which this policy does not. The relay accepts either form, in any order: it
+  ;; type-checks the exported (and imported) functions against its own, structurally, which
+  ;; checks every type they reach (a wrong case in `failure` is refused, naming it), and it
+  ;; does not check the instance's other type exports. (wit-component also re-imports the five
+  ;; used types at the top level, `(import "context" (type (eq ...)))`; the aliases below do
+  ;; the same job.)
   ;; ===========================================================================================
-  (import "postwarden:policy/types@0.1.0" (instance $types
-    (type $tls-level' (enum "none" "may" "encrypt" "verify" "secure"))
-    (export "tls-level" (type $tls-level (eq $tls-level')))
-    (type $tls-version' (enum "tls12" "tls13"))
-    (export "tls-version" (type $tls-version (eq $tls-version')))
-    (type $requirement' (record
-      (field "level" $tls-level)
-      (field "match-names" (list string))
-      (field "min-version" (option $tls-version))))
-    (export "requirement" (type $requirement (eq $requirement')))
-    (type $decision' (variant
-      (case "abstain")
-      (case "require" $requirement)))
-    (export "decision" (type (eq $decision')))
+  (import "postwarden:policy/types@0.2.0" (instance $types
     (type $context' (record
       (field "domain" string)
       (field "mx-host" string)
@@ -90,10 +106,31 @@
       (field "requiretls" bool)
       (field "tls-required-no" bool)))
     (export "context" (type (eq $context')))
+    (type $tls-level' (enum "none" "may" "encrypt" "dane" "verify" "secure"))
+    (export "tls-level" (type $tls-level (eq $tls-level')))
+    (type $tls-version' (enum "tls12" "tls13"))
+    (export "tls-version" (type $tls-version (eq $tls-version')))
+    (type $tls-basis' (enum "local" "sts" "dane"))
+    (export "tls-basis" (type $tls-basis (eq $tls-basis')))
+    (type $requirement' (record
+      (field "level" $tls-level)
+      (field "match-names" (list string))
+      (field "min-version" (option $tls-version))
+      (field "basis" $tls-basis)
+      (field "client-identity" (option string))))
+    (export "requirement" (type $requirement (eq $requirement')))
+    (type $decision' (variant
+      (case "abstain")
+      (case "require" $requirement)))
+    (export "decision" (type (eq $decision')))
     (type $smtp-reply' (record
       (field "code" u16)
       (field "text" string)))
     (export "smtp-reply" (type $smtp-reply (eq $smtp-reply')))
+    (type $other-failure' (record
+      (field "class" string)
+      (field "detail" string)))
+    (export "other-failure" (type $other-failure (eq $other-failure')))
     (type $failure' (variant
       (case "starttls-not-offered")
       (case "starttls-refused" $smtp-reply)
@@ -104,7 +141,14 @@
       (case "certificate-name-mismatch" string)
       (case "tls-version-too-old" string)
       (case "connection-lost" string)
-      (case "timeout" string)))
+      (case "timeout" string)
+      (case "dnssec-bogus" string)
+      (case "tlsa-lookup-failed" string)
+      (case "dane-required" string)
+      (case "sts-policy-unavailable" string)
+      (case "sts-mx-mismatch" string)
+      (case "tlsa-mismatch" string)
+      (case "other" $other-failure)))
     (export "failure" (type (eq $failure')))
     (type $action' (variant
       (case "continue-plaintext")
@@ -137,7 +181,7 @@
   ;;       tag u8 @0 (none=0, some=1), string ptr @4, len @8 (size 12, align 4). The host
   ;;       copies the string into guest memory through `cabi_realloc`.
   ;; ===========================================================================================
-  (import "postwarden:policy/host@0.1.0" (instance $host
+  (import "postwarden:policy/host@0.2.0" (instance $host
     (type $log-level' (enum "trace" "debug" "info" "warn" "error"))
     (export "log-level" (type $log-level (eq $log-level')))
     (export "log" (func (param "level" $log-level) (param "message" string)))
@@ -202,7 +246,8 @@
   ;; 4. The policy.
   ;;
   ;; Memory map of the static data (below the heap at 0x1000):
-  ;;   0x0010  RET: the return area of every export (20 bytes: decision, action or result)
+  ;;   0x0010  RET: the return area of every export (32 bytes: a decision, the largest;
+  ;;           an action or configure's result use the first 12)
   ;;   0x0030  GET: table-get's return area (12 bytes: option<string>)
   ;;   0x0040  DIGITS: scratch for decimal formatting (16 bytes, filled backwards from 0x0050)
   ;;   0x0100  constant strings, NUL-terminated, one per 0x40-byte slot (see the globals $S_*)
@@ -1166,7 +1211,8 @@
 
     ;; ==== the lookup shared by plan and on-failure =======================================
 
-    ;; table-get(key): 3 = "verify", 2 = "encrypt", 1 = another value (may), -1 = no entry.
+    ;; table-get(key), as a tls-level: 4 = "verify", 2 = "encrypt", 1 = another value (may),
+    ;; -1 = no entry.
     ;; The option<string> comes back in GET: tag @0, ptr @4, len @8.
     (func $probe (param $key i32) (param $key-len i32) (result i32)
       (local $value i32) (local $value-len i32)
@@ -1175,7 +1221,7 @@
       (local.set $value (i32.load offset=4 (global.get $GET)))
       (local.set $value-len (i32.load offset=8 (global.get $GET)))
       (if (call $eq-z (local.get $value) (local.get $value-len) (global.get $S_VERIFY))
-        (then (return (i32.const 3))))
+        (then (return (i32.const 4))))
       (if (call $eq-z (local.get $value) (local.get $value-len) (global.get $S_ENCRYPT))
         (then (return (i32.const 2))))
       (i32.const 1))
@@ -1213,9 +1259,11 @@
     ;;            domain (ptr, len), mx-host (ptr, len), ip (ptr, len), mx-preference,
     ;;            mx-index, mx-count, attempt (i32 each), message-age (i64), requiretls,
     ;;            tls-required-no (i32 each)
-    ;;   result:  decision flattens to 6 values (> 1): a pointer to RET, laid out as
-    ;;            tag u8 @0 = 1 (require), level u8 @4, match-names ptr @8 = 0, len @12 = 0,
-    ;;            min-version tag u8 @16 = 0 (none)
+    ;;   result:  decision flattens to 10 values (> 1): a pointer to RET, laid out as
+    ;;            tag u8 @0 = 1 (require), then the requirement @4: level u8 @4,
+    ;;            match-names ptr @8 = 0, len @12 = 0, min-version tag u8 @16 = 0 (none),
+    ;;            basis u8 @18 = 0 (local), client-identity tag u8 @20 = 0 (none; its
+    ;;            ptr @24 and len @28 are not read)
     (func (export "plan")
       (param $domain i32) (param $domain-len i32)
       (param $mx-host i32) (param $mx-host-len i32)
@@ -1228,14 +1276,17 @@
       (i32.store offset=8 (global.get $RET) (i32.const 0))
       (i32.store offset=12 (global.get $RET) (i32.const 0))
       (i32.store8 offset=16 (global.get $RET) (i32.const 0))
+      (i32.store8 offset=18 (global.get $RET) (i32.const 0))
+      (i32.store8 offset=20 (global.get $RET) (i32.const 0))
       (global.get $RET))
 
     ;; ==== export: on-failure =============================================================
     ;; on-failure: func(ctx: context, failure: failure) -> action
-    ;;   params:  13 + 4 = 17 flat values (> 16), so the host stores the tuple
+    ;;   params:  13 + 5 = 18 flat values (> 16), so the host stores the tuple
     ;;            (context, failure) in memory it allocates with cabi_realloc and passes one
-    ;;            pointer. Tuple layout (align 8): context @0 (56 bytes; domain ptr @0,
-    ;;            len @4, mx-index @28, mx-count @32), failure @56 (tag u8 @56).
+    ;;            pointer. Tuple layout (size 80, align 8): context @0 (56 bytes; domain
+    ;;            ptr @0, len @4, mx-index @28, mx-count @32), failure @56 (20 bytes;
+    ;;            tag u8 @56, payload @60).
     ;;   result:  action flattens to 3 values (> 1): a pointer to RET, laid out as
     ;;            tag u8 @0, defer/bounce string ptr @4, len @8
     (func (export "on-failure") (param $args i32) (result i32)
@@ -1265,8 +1316,8 @@
 
     ;; ==== export: on-delivered ===========================================================
     ;; on-delivered: func(ctx: context, report: delivery-report)
-    ;;   params:  13 + 10 = 23 flat values (> 16): one pointer to the tuple
-    ;;            (context @0, delivery-report @56; size 88, align 8). No result.
+    ;;   params:  13 + 14 = 27 flat values (> 16): one pointer to the tuple
+    ;;            (context @0, delivery-report @56; size 104, align 8). No result.
     ;;   This policy learns nothing from deliveries.
     (func (export "on-delivered") (param $args i32))
   )
