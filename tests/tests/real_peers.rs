@@ -7,9 +7,8 @@
 //! the message in its Maildir, the TLS version and cipher in its `Received:` line, its log.
 //! A missing peer fails the test with the command that installs it (`scripts/test.sh` runs it).
 //!
-//! Not here yet: the relay presenting a client certificate to a `req_ccert` server (issue 17
-//! item 4, being built separately); `postfix_requiring_a_client_certificate_refuses_...` below
-//! covers the refusal without one.
+//! Mutual TLS (issue 17 item 4): a `req_ccert` Postfix refuses the relay without a client
+//! certificate and takes the message when the policy names one the relay configures.
 
 #![allow(clippy::unwrap_used)]
 
@@ -43,7 +42,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// A relay with `policies`, trusting only `ca`, sending `DOMAIN = [127.0.0.1]:PORT` per route,
-/// its spool in `dir`; `inbound` is appended to its `[inbound]` section.
+/// its spool in `dir`; `inbound` is appended to its `[inbound]` section (the end of the file, so
+/// it may also open further tables).
 async fn relay(
     dir: &Path,
     policies: &str,
@@ -274,6 +274,41 @@ async fn postfix_requiring_a_client_certificate_refuses_the_session_and_nothing_
     assert!(log.lines().filter(|l| l.contains("disconnect from")).all(|l| !l.contains("mail=")));
     assert_eq!(sessions.len(), 2, "{log}");
     assert!(std::fs::read_dir(postfix.maildir()).unwrap().next().is_none());
+    relay.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The same `req_ccert` server takes the message when the policy's requirement names a client
+/// identity the relay configures (`[tls.client_identities]`): delivered under `verify`, and
+/// Postfix records the client certificate it verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_requiring_a_client_certificate_gets_the_one_the_policy_names() {
+    let pki = Pki::new();
+    let dir = instance_dir();
+    let ca = pki.write_root(dir.path());
+    let leaf = pki.leaf(dir.path(), "server", KeyKind::EcdsaP256, Signer::Root);
+    let client = pki.leaf(dir.path(), "client", KeyKind::EcdsaP256, Signer::Intermediate);
+    let postfix = postfix_server(dir, &leaf, &ca, &["req_ccert=yes"]);
+    let spool = tempfile::tempdir().unwrap();
+    let policies = "[[policy]]\nname = \"forced\"\npath = \"{wasm:forced-tls}\"\n\
+        [policy.settings.domains]\n\"peer.test\" = { level = \"verify\", client_identity = \"partner\" }\n";
+    let identity = format!(
+        "[tls.client_identities.partner]\ncert = \"{}\"\nkey = \"{}\"\n",
+        client.cert.display(),
+        client.key.display()
+    );
+    let relay = relay(spool.path(), policies, &ca, &[("peer.test", postfix.port)], &identity).await;
+
+    submit_to(&relay, "mutual", "user@peer.test").await;
+    let attempt = &attempts(&relay, &["user@peer.test"]).await[0];
+    delivered_verified(attempt);
+    let mail = blocking(|| postfix.wait_mail(1));
+    let received = postfix_received(&mail, "mutual", "user@peer.test");
+    assert!(
+        received.contains(
+            "Client CN \"mx.peer.test\", Issuer \"Postwarden Peer Test Intermediate\" (verified OK)"
+        ),
+        "{received}"
+    );
     relay.shutdown(Duration::from_secs(5)).await;
 }
 
