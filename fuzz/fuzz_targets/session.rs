@@ -64,7 +64,12 @@ fn check_replies(out: &[u8]) {
         assert!(line.len() >= 3 && line[..3].iter().all(u8::is_ascii_digit), "{line:?}");
         assert!(matches!(line.get(3), None | Some(b' ' | b'-')), "{line:?}");
         assert!(!line.contains(&b'\r'), "bare CR in a reply: {:?}", String::from_utf8_lossy(line));
-        assert!(line.len() <= 512, "reply line of {} bytes", line.len());
+        assert!(
+            line.len() <= 512,
+            "reply line of {} bytes: {:?}",
+            line.len(),
+            String::from_utf8_lossy(&line[..100.min(line.len())])
+        );
     }
 }
 

@@ -50,6 +50,9 @@ fn auth_refused_reply() -> Reply {
     )
 }
 
+/// The longest reply line, CRLF included (RFC 5321 §4.5.3.1.5).
+pub const MAX_REPLY_LINE: usize = 512;
+
 /// One SMTP reply the server sends.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct Reply {
@@ -94,16 +97,25 @@ impl Reply {
         &self.lines
     }
 
-    /// Appends the reply as sent on the wire, every line ending in CRLF.
+    /// Appends the reply as sent on the wire, every line ending in CRLF and at most
+    /// [`MAX_REPLY_LINE`] octets long: text that echoes the client (an unknown MAIL parameter,
+    /// say) is cut, ending in `...`, so a long argument cannot make a reply line no client has
+    /// to accept (RFC 5321 §4.5.3.1.5; found by fuzzing, fuzz/session).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let last = self.lines.len().saturating_sub(1);
         for (i, line) in self.lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            let text = match self.enhanced {
-                Some(code) => format!("{}{sep}{code} {line}\r\n", self.code),
-                None => format!("{}{sep}{line}\r\n", self.code),
+            let mut text = match self.enhanced {
+                Some(code) => format!("{}{sep}{code} {line}", self.code),
+                None => format!("{}{sep}{line}", self.code),
             };
+            if text.len() + 2 > MAX_REPLY_LINE {
+                // Lines are printable ASCII (see `printable`): any byte is a char boundary.
+                text.truncate(MAX_REPLY_LINE - 2 - 3);
+                text.push_str("...");
+            }
             out.extend_from_slice(text.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
     }
 }
@@ -1536,6 +1548,24 @@ mod tests {
 
     fn options() -> Arc<InboundOptions> {
         Arc::new(InboundOptions { hostname: "relay.test".into(), ..Default::default() })
+    }
+
+    /// Regression (fuzz/session, crash-b5620092…): an unknown MAIL parameter of 500+ bytes was
+    /// echoed into a 516-byte `555` line; every reply line stays within 512 octets with CRLF.
+    #[test]
+    fn a_long_unknown_parameter_cannot_make_an_overlong_reply_line() {
+        let long = "B".repeat(600);
+        let input = format!("EHLO c.test\r\nMAIL FROM:<a@b.test> {long}=1\r\n");
+        let (replies, _) = run(options(), local(), input.as_bytes());
+        let last = replies.last().unwrap();
+        assert_eq!(last.code(), 555, "{last}");
+        let mut wire = Vec::new();
+        last.encode(&mut wire);
+        assert_eq!(wire.len(), MAX_REPLY_LINE, "{last}");
+        assert!(wire.ends_with(b"...\r\n"), "{last}");
+        let mut short = Vec::new();
+        Reply::status(250, (2, 0, 0), "ok").encode(&mut short);
+        assert_eq!(short, b"250 2.0.0 ok\r\n");
     }
 
     fn local() -> SocketAddr {
