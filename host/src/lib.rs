@@ -10,6 +10,7 @@
 //! - [`queue`]: the durable queue, retries and DSNs.
 //! - [`service`]: the relay as a service: inbound → queue → delivery, reload, shutdown.
 //! - [`smtp`]: the SMTP client's wire format, sans-IO.
+//! - [`standards`]: what destinations publish about their TLS (MTA-STS), parsed sans-IO.
 //! - [`cli`]: the `postwarden` command's subcommands.
 
 pub mod admin;
@@ -24,3 +25,4 @@ pub mod queue;
 pub mod scaffold;
 pub mod service;
 pub mod smtp;
+pub mod standards;

@@ -1,0 +1,8 @@
+//! What destinations publish about their own TLS: MTA-STS (RFC 8461) today; DANE (RFC 7672)
+//! and TLS-RPT (RFC 8460) to come. The host gathers these facts, policies decide on them
+//! (`policy::facts`), and the host keeps the floors the RFCs set.
+//!
+//! # Layout
+//! - [`sts`]: the `_mta-sts` record, the policy file and the MX pattern rule, sans-IO.
+
+pub mod sts;
