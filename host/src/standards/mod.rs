@@ -4,5 +4,7 @@
 //!
 //! # Layout
 //! - [`sts`]: the `_mta-sts` record, the policy file and the MX pattern rule, sans-IO.
+//! - [`sts_cache`]: when to look up and fetch again, and which policy is in force, sans-IO.
 
 pub mod sts;
+pub mod sts_cache;

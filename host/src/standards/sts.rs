@@ -155,7 +155,9 @@ pub fn parse_policy(text: &str) -> Result<PolicyFile, String> {
                     "enforce" => StsMode::Enforce,
                     "testing" => StsMode::Testing,
                     "none" => StsMode::None,
-                    other => return Err(at(format!("mode `{other}` is not enforce, testing or none"))),
+                    other => {
+                        return Err(at(format!("mode `{other}` is not enforce, testing or none")));
+                    }
                 });
             }
             "max_age" => {
@@ -236,7 +238,10 @@ mod tests {
     #[test]
     fn exactly_one_record_beginning_with_the_version_counts() {
         let id = |id: &str| Ok(StsRecord { id: id.to_owned() });
-        assert_eq!(parse_record(&records(&["v=STSv1; id=20160831085700Z;"])), id("20160831085700Z"));
+        assert_eq!(
+            parse_record(&records(&["v=STSv1; id=20160831085700Z;"])),
+            id("20160831085700Z")
+        );
         assert_eq!(parse_record(&records(&["v=spf1 -all", "v=STSv1;id=a1"])), id("a1"));
         assert_eq!(parse_record(&records(&["v=STSv1; id=x; ext_1=a.b"])), id("x"));
         // A record that merely contains the version is not one (research §3.5).
@@ -271,7 +276,11 @@ mod tests {
         let expected = PolicyFile {
             mode: StsMode::Enforce,
             max_age: 604_800,
-            mx: vec!["mail.example.com".into(), "*.example.net".into(), "backupmx.example.com".into()],
+            mx: vec![
+                "mail.example.com".into(),
+                "*.example.net".into(),
+                "backupmx.example.com".into(),
+            ],
         };
         assert_eq!(parse_policy(rfc), Ok(expected.clone()));
         assert_eq!(parse_policy(&rfc.replace("\r\n", "\n")), Ok(expected.clone()));
