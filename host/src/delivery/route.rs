@@ -96,6 +96,9 @@ pub trait Resolve: Send + Sync {
     fn mx<'a>(&'a self, domain: &'a str) -> BoxFuture<'a, LookupResult<MxRecords>>;
     /// Addresses of `host` (A and AAAA).
     fn addrs<'a>(&'a self, host: &'a str) -> BoxFuture<'a, LookupResult<Vec<IpAddr>>>;
+    /// TXT records of `name`, each record's character-strings joined (RFC 7208 §3.3 style;
+    /// invalid UTF-8 replaced), as MTA-STS and TLS-RPT read them.
+    fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, LookupResult<Vec<String>>>;
 }
 
 /// hickory-resolver with configurable name servers (tests point it at the simulator's DNS).
@@ -149,6 +152,25 @@ impl Resolve for HickoryResolver {
         Box::pin(async move {
             match self.resolver.lookup_ip(fqdn(host)).await {
                 Ok(lookup) => Ok(Lookup::Found(lookup.iter().collect())),
+                Err(e) if e.is_nx_domain() => Ok(Lookup::NoSuchName),
+                Err(e) if e.is_no_records_found() => Ok(Lookup::NoRecords),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
+    fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, LookupResult<Vec<String>>> {
+        Box::pin(async move {
+            match self.resolver.txt_lookup(fqdn(name)).await {
+                Ok(lookup) => Ok(Lookup::Found(
+                    lookup
+                        .iter()
+                        .map(|txt| {
+                            let joined: Vec<u8> = txt.txt_data().concat();
+                            String::from_utf8_lossy(&joined).into_owned()
+                        })
+                        .collect(),
+                )),
                 Err(e) if e.is_nx_domain() => Ok(Lookup::NoSuchName),
                 Err(e) if e.is_no_records_found() => Ok(Lookup::NoRecords),
                 Err(e) => Err(e.to_string()),
@@ -260,6 +282,8 @@ pub struct StaticResolver {
     pub mx: HashMap<String, Vec<(u16, String)>>,
     /// Host → addresses.
     pub hosts: HashMap<String, Vec<IpAddr>>,
+    /// Name → TXT records.
+    pub txt: HashMap<String, Vec<String>>,
 }
 
 impl Resolve for StaticResolver {
@@ -275,6 +299,14 @@ impl Resolve for StaticResolver {
     fn addrs<'a>(&'a self, host: &'a str) -> BoxFuture<'a, LookupResult<Vec<IpAddr>>> {
         let answer = match self.hosts.get(host) {
             Some(ips) => Lookup::Found(ips.clone()),
+            None => Lookup::NoSuchName,
+        };
+        Box::pin(async move { Ok(answer) })
+    }
+
+    fn txt<'a>(&'a self, name: &'a str) -> BoxFuture<'a, LookupResult<Vec<String>>> {
+        let answer = match self.txt.get(name) {
+            Some(records) => Lookup::Found(records.clone()),
             None => Lookup::NoSuchName,
         };
         Box::pin(async move { Ok(answer) })

@@ -97,6 +97,22 @@ impl TlsContext {
         }
     }
 
+    /// A client configuration for HTTPS to policy hosts (MTA-STS, RFC 8461 §3.3): the
+    /// certificate must chain to the relay's trust anchors and name the host; no client
+    /// certificate, no session reuse across policy hosts' names (rustls keys by name).
+    pub fn https_config(&self) -> Result<Arc<ClientConfig>, String> {
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| format!("trust roots: {e}"))?;
+        let config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS versions: {e}"))?
+            .with_webpki_verifier(verifier)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+
     /// The same context, able to present `identities` (by name) to servers that ask.
     pub fn with_client_identities(mut self, identities: HashMap<String, ClientIdentity>) -> Self {
         self.identities = Arc::new(identities);

@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`sts`]: the `_mta-sts` record, the policy file and the MX pattern rule, sans-IO.
 //! - [`sts_cache`]: when to look up and fetch again, and which policy is in force, sans-IO.
+//! - [`fetch`]: the policy fetch over HTTPS.
 
+pub mod fetch;
 pub mod sts;
 pub mod sts_cache;
