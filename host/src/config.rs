@@ -38,6 +38,44 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// What the relay looks up about destinations' own TLS (MTA-STS).
+    #[serde(default)]
+    pub standards: StandardsConfig,
+}
+
+/// `[standards]`: facts the relay gathers for policies about what destinations publish.
+/// Reloadable; what was learnt (the MTA-STS cache) survives a reload.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandardsConfig {
+    /// Look up MTA-STS policies (RFC 8461) and hand them to policies as facts (default
+    /// false: only a policy that asks for them, such as `standards`, uses them).
+    #[serde(default)]
+    pub mta_sts: bool,
+    /// The HTTPS port policy hosts are asked on: 443, except against a simulator.
+    #[serde(default = "default_https_port")]
+    pub sts_https_port: u16,
+    /// Seconds for one policy fetch, from resolving to the last byte (default 10).
+    #[serde(default = "default_sts_timeout")]
+    pub sts_timeout: u64,
+}
+
+fn default_https_port() -> u16 {
+    443
+}
+
+fn default_sts_timeout() -> u64 {
+    10
+}
+
+impl Default for StandardsConfig {
+    fn default() -> Self {
+        StandardsConfig {
+            mta_sts: false,
+            sts_https_port: default_https_port(),
+            sts_timeout: default_sts_timeout(),
+        }
+    }
 }
 
 /// `[admin]`: `/metrics` (Prometheus) and queue status as JSON.
@@ -992,6 +1030,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.standards.sts_timeout == 0 || self.standards.sts_timeout > 60 {
+            return Err("standards.sts_timeout: 1 to 60 seconds".to_owned());
+        }
         if self.inbound.idle_timeout == 0 {
             return Err("inbound.idle_timeout: must be at least 1 second".to_owned());
         }

@@ -613,7 +613,7 @@ fn facts_reach_the_guest_for_the_attempt_being_decided() {
         ..Facts::default()
     };
     assert_eq!(requirement(sts(true)), (TlsLevel::Verify, TlsBasis::Sts));
-    assert_eq!(requirement(sts(false)), (TlsLevel::May, TlsBasis::Local));
+    assert_eq!(requirement(sts(false)), (TlsLevel::Verify, TlsBasis::Sts));
 
     // `dane` without usable records: the host's precondition names the class, and the
     // policy's `on-failure` sees that very class.

@@ -138,6 +138,8 @@ pub struct Deliverer {
     settings: std::sync::RwLock<Arc<Settings>>,
     helo_name: String,
     reuse: Arc<ConnectionCache>,
+    /// The MTA-STS cache: kept across reloads (forgetting a cached policy is a downgrade).
+    sts: crate::standards::gather::Gatherer,
     /// What the connections did.
     pub stats: ConnectionStats,
 }
@@ -147,6 +149,8 @@ struct Settings {
     router: Router,
     tls: TlsContext,
     timeouts: Timeouts,
+    /// How MTA-STS policies are fetched; `None`: MTA-STS facts are not gathered.
+    sts: Option<crate::standards::fetch::Fetcher>,
 }
 
 /// What one attempt at one address came to.
@@ -174,11 +178,28 @@ impl Deliverer {
     /// A deliverer introducing itself as `helo_name`.
     pub fn new(router: Router, tls: TlsContext, timeouts: Timeouts, helo_name: &str) -> Self {
         Deliverer {
-            settings: std::sync::RwLock::new(Arc::new(Settings { router, tls, timeouts })),
+            settings: std::sync::RwLock::new(Arc::new(Settings {
+                router,
+                tls,
+                timeouts,
+                sts: None,
+            })),
             helo_name: helo_name.to_owned(),
             reuse: ConnectionCache::new(ReuseLimits::default()),
+            sts: Default::default(),
             stats: ConnectionStats::default(),
         }
+    }
+
+    /// Gathers MTA-STS facts for every domain without a static route, fetching policies with
+    /// `fetcher`. A builder step: before the deliverer is shared, its settings are its own.
+    pub fn with_mta_sts(mut self, fetcher: crate::standards::fetch::Fetcher) -> Self {
+        let settings = self.settings.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match Arc::get_mut(settings) {
+            Some(settings) => settings.sts = Some(fetcher),
+            None => tracing::error!("MTA-STS not enabled: the deliverer was already in use"),
+        }
+        self
     }
 
     /// Replaces the connection reuse limits (`idle` zero: never reuse).
@@ -319,7 +340,26 @@ impl Deliverer {
             smtputf8: message.smtputf8,
             needs_smtputf8: message.smtputf8 && needs_smtputf8(message, rcpts),
         };
+        let sts = match &settings.sts {
+            Some(fetcher) if !settings.router.is_static(domain) => Some(
+                self.sts
+                    .entry(
+                        settings.router.resolver(),
+                        fetcher,
+                        &domain.to_ascii_lowercase(),
+                        unix_now,
+                    )
+                    .await,
+            ),
+            _ => None,
+        };
         for (index, host) in hosts.iter().enumerate() {
+            let facts = Arc::new(crate::policy::Facts {
+                sts: sts
+                    .as_ref()
+                    .map_or_else(Default::default, |e| e.status(unix_now(), &host.name)),
+                ..Default::default()
+            });
             for &addr in &host.addrs {
                 let ctx = Context {
                     domain: domain.to_ascii_lowercase(),
@@ -333,9 +373,8 @@ impl Deliverer {
                     requiretls: message.requiretls,
                     tls_required_no: message.tls_required_no,
                     authenticated: message.authenticated,
-                    // Gathering DNSSEC, MTA-STS and TLSA facts comes with the standards work;
-                    // until then every fact reads "not looked up".
-                    facts: Default::default(),
+                    // MTA-STS when gathered; DNSSEC and TLSA are not looked up yet.
+                    facts: facts.clone(),
                 };
                 let plan = chain.plan_async(&ctx).await;
                 let requirement = match &plan.verdict {
@@ -830,6 +869,11 @@ fn text_of(reply: &Reply) -> String {
     format!("{} {}", reply.code(), reply.text().replace('\n', " "))
 }
 
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 impl Deliverer {
     /// Builds the deliverer described by `config`: resolver, routes, trust, timeouts.
     pub fn from_config(config: &crate::config::Config) -> Result<Arc<Self>, String> {
@@ -846,9 +890,17 @@ impl Deliverer {
         if !delivery.connection_reuse {
             reuse.idle = Duration::ZERO;
         }
-        Ok(Arc::new(
+        let mut deliverer =
             Deliverer::new(router, tls, delivery.timeouts.to_timeouts(), &delivery.helo_name)
-                .with_reuse(reuse),
-        ))
+                .with_reuse(reuse);
+        if config.standards.mta_sts {
+            let fetcher = crate::standards::fetch::Fetcher {
+                tls: config.tls.context()?.https_config()?,
+                port: config.standards.sts_https_port,
+                timeout: Duration::from_secs(config.standards.sts_timeout),
+            };
+            deliverer = deliverer.with_mta_sts(fetcher);
+        }
+        Ok(Arc::new(deliverer))
     }
 }

@@ -204,6 +204,17 @@ impl Router {
         Router { resolver, static_routes, port, rng: Mutex::new(rng) }
     }
 
+    /// The resolver routes are looked up with (MTA-STS asks it too).
+    pub fn resolver(&self) -> &dyn Resolve {
+        &*self.resolver
+    }
+
+    /// Whether `domain` goes over a static route: then its own published policies (MTA-STS)
+    /// say nothing about the hop (research §3.6).
+    pub fn is_static(&self, domain: &str) -> bool {
+        self.static_routes.contains_key(&normalize(domain))
+    }
+
     /// The hosts to try for `domain`, in order.
     pub async fn route(&self, domain: &str) -> Result<Vec<MxHost>, RouteError> {
         let domain = normalize(domain);
