@@ -511,3 +511,59 @@ async fn a_named_client_identity_is_presented_to_a_server_that_requires_one() {
     assert_eq!(fleet.transcript("hs-09.sim.test").connections.len(), connections + 1);
     assert!(sim::received(&fleet, "hs-09.sim.test", "STARTTLS").len() == 2, "not a third");
 }
+
+/// MTA-STS facts are gathered for a delivery when enabled, and never for a domain with a static
+/// route (its hop is not the domain's MX). The `facts` fixture makes the difference visible:
+/// with the policy host unreachable the gathered status is `fetch-failed` (it answers `may`);
+/// not gathered, every fact reads "not looked up" (it answers `encrypt`). The sink offers no
+/// STARTTLS, so both end in the fixture's deferral; the log shows which level was decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mta_sts_facts_are_gathered_except_through_a_static_route() {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use postwarden::delivery::Deliverer;
+    use postwarden::delivery::client::Timeouts;
+    use postwarden::delivery::route::{Router, StaticResolver};
+    use postwarden::delivery::tls::TlsContext;
+    use postwarden::standards::fetch::Fetcher;
+
+    let sink = postwarden_tests::sink::Sink::start();
+    let mut resolver = StaticResolver::default();
+    let localhost = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+    for domain in ["sts.example", "routed.example"] {
+        resolver.mx.insert(domain.into(), vec![(10, format!("mx.{domain}"))]);
+        resolver.hosts.insert(format!("mx.{domain}"), localhost.clone());
+        // The policy host answers on no port: a fetch fails at once.
+        resolver.hosts.insert(format!("mta-sts.{domain}"), localhost.clone());
+        resolver.txt.insert(format!("_mta-sts.{domain}"), vec!["v=STSv1; id=1;".into()]);
+    }
+    let routes =
+        HashMap::from([("routed.example".to_owned(), ("127.0.0.1".to_owned(), sink.addr.port()))]);
+    let router = Router::new(Box::new(resolver), sink.addr.port(), routes, Some(1));
+    let tls = TlsContext::new(rustls::RootCertStore::empty());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let fetcher = Fetcher {
+        tls: TlsContext::new({
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(sim::ca().unwrap().root_der().clone()).unwrap();
+            roots
+        })
+        .https_config()
+        .unwrap(),
+        port: closed,
+        timeout: Duration::from_secs(5),
+    };
+    let deliverer =
+        Deliverer::new(router, tls, Timeouts::all(Duration::from_secs(5)), "relay.test")
+            .with_mta_sts(fetcher);
+    let (chain, _e, _d) = chains::load(&broken("facts")).unwrap();
+
+    let gathered = sim::send(&deliverer, &chain, "sts.example", false, false).await;
+    assert!(matches!(status(&gathered), Status::Deferred { .. }), "{gathered:?}");
+    assert!(gathered.tls_log.starts_with("tls=may"), "{}", gathered.tls_log);
+    let routed = sim::send(&deliverer, &chain, "routed.example", false, false).await;
+    assert!(matches!(status(&routed), Status::Deferred { .. }), "{routed:?}");
+    assert!(routed.tls_log.starts_with("tls=encrypt"), "{}", routed.tls_log);
+    assert_eq!(sink.count(), 0);
+}
