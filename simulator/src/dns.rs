@@ -1,17 +1,25 @@
-//! The authoritative DNS for `sim.test`: MX and A records for every scenario domain.
+//! The authoritative DNS for `sim.test`: MX and A records for every scenario domain, and the
+//! MTA-STS names of domains that publish them.
 //!
 //! A hickory-server [`Catalog`] with one in-memory zone, served over UDP and TCP on the same
 //! port. Names under `sim.test` that no scenario uses get NXDOMAIN; names outside the zone get
 //! REFUSED (the server is authoritative only).
+//!
+//! In front of the catalog, [`Handler`] answers `_mta-sts.<domain>` (TXT) and
+//! `mta-sts.<domain>` (A, 127.0.0.1) from the fleet's live [`StsTable`], so a set-up changed
+//! while the fleet runs is answered at once, and a lookup can fail on purpose ([`TxtFault`]),
+//! which a static zone cannot do.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::rr::rdata::{A, MX, NS, SOA};
-use hickory_proto::rr::{LowerName, Name, RData, Record};
+use hickory_proto::op::{Edns, Header, ResponseCode};
+use hickory_proto::rr::rdata::{A, MX, NS, SOA, TXT};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::ServerFuture;
-use hickory_server::authority::{Catalog, ZoneType};
+use hickory_server::authority::{Catalog, MessageResponseBuilder, ZoneType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryAuthority;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -19,9 +27,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::Error;
 use crate::scenario::ZONE;
+use crate::sts::{StsKnobs, StsTable, TxtFault};
 
 /// TTL of every record: short, so a resolver cache never outlives a test fleet for long.
 const TTL: u32 = 5;
+
+/// TTL of the `_mta-sts` TXT records: zero, so a resolver sees a record changed mid-test
+/// (RFC 8461 §3.3, a new `id`) on its next lookup rather than after a cached one expires.
+const STS_TTL: u32 = 0;
+
+/// Where every `mta-sts.<domain>` points: the fleet's HTTPS responder.
+pub const STS_HTTPS_IP: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
 /// One MX record and the address of its host.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -49,9 +65,8 @@ pub fn catalog(domains: &[DomainRecords], ns_ip: Ipv4Addr) -> Result<Catalog, Er
     let ns = name(&format!("ns.{ZONE}"))?;
     let mut zone = InMemoryAuthority::empty(origin.clone(), ZoneType::Primary, false);
     let serial = 1;
-    let soa = SOA::new(ns.clone(), name(&format!("hostmaster.{ZONE}"))?, serial, 60, 60, 600, TTL);
     let records = [
-        Record::from_rdata(origin.clone(), TTL, RData::SOA(soa)),
+        soa_record()?,
         Record::from_rdata(origin.clone(), TTL, RData::NS(NS(ns.clone()))),
         Record::from_rdata(ns, TTL, RData::A(A(ns_ip))),
     ];
@@ -72,12 +87,13 @@ pub fn catalog(domains: &[DomainRecords], ns_ip: Ipv4Addr) -> Result<Catalog, Er
     Ok(catalog)
 }
 
-/// Serves `domains` on `ip` (UDP and TCP, same port; port 0 picks a free one) until
-/// `shutdown`, and returns the bound address.
+/// Serves `domains` and the MTA-STS names in `sts` on `ip` (UDP and TCP, same port; port 0
+/// picks a free one) until `shutdown`, and returns the bound address.
 pub async fn serve(
     ip: IpAddr,
     port: u16,
     domains: &[DomainRecords],
+    sts: StsTable,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<SocketAddr, Error> {
@@ -85,12 +101,12 @@ pub async fn serve(
         IpAddr::V4(v4) => v4,
         IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
     };
-    let catalog = catalog(domains, ns_ip)?;
+    let handler = Handler { catalog: catalog(domains, ns_ip)?, sts, soa: soa_record()? };
     let (udp, tcp) = bind_pair(ip, port).await?;
     let addr = udp
         .local_addr()
         .map_err(|source| Error::Bind { addr: SocketAddr::new(ip, port), source })?;
-    let mut server = ServerFuture::new(catalog);
+    let mut server = ServerFuture::new(handler);
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(5));
     let server_token = server.shutdown_token().clone();
@@ -122,6 +138,120 @@ async fn bind_pair(ip: IpAddr, port: u16) -> Result<(UdpSocket, TcpListener), Er
         }
     }
     Err(last.unwrap_or(Error::NoFreePort { attempts: 20 }))
+}
+
+/// The catalog, with the MTA-STS names of a live [`StsTable`] answered in front of it.
+pub struct Handler {
+    catalog: Catalog,
+    sts: StsTable,
+    /// The zone's SOA, for the authority section of an empty answer.
+    soa: Record,
+}
+
+/// What the STS table says about a query name.
+enum StsAnswer {
+    /// Not an STS name the table knows: ask the catalog.
+    Pass,
+    /// The name exists: these records of the asked type (maybe none).
+    Records(Vec<Record>),
+    /// Fail on purpose.
+    Fault(TxtFault),
+}
+
+impl Handler {
+    fn sts_answer(&self, qname: &Name, qtype: RecordType) -> StsAnswer {
+        let text = qname.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+        if let Some(domain) = text.strip_prefix("_mta-sts.") {
+            let Some(knobs) = self.sts.knobs(domain) else { return StsAnswer::Pass };
+            if let Some(fault) = knobs.txt_fault {
+                return StsAnswer::Fault(fault);
+            }
+            if knobs.txt.is_empty() {
+                return StsAnswer::Pass;
+            }
+            return StsAnswer::Records(txt_records(qname, qtype, &knobs));
+        }
+        if let Some(domain) = text.strip_prefix("mta-sts.") {
+            let Some(StsKnobs { https: Some(_), .. }) = self.sts.knobs(domain) else {
+                return StsAnswer::Pass;
+            };
+            let records = if matches!(qtype, RecordType::A | RecordType::ANY) {
+                vec![Record::from_rdata(qname.clone(), TTL, RData::A(A(STS_HTTPS_IP)))]
+            } else {
+                Vec::new()
+            };
+            return StsAnswer::Records(records);
+        }
+        StsAnswer::Pass
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let answer = match request.request_info() {
+            Ok(info) => self.sts_answer(&Name::from(info.query.name()), info.query.query_type()),
+            Err(_) => StsAnswer::Pass,
+        };
+        let mut header = Header::response_from_request(request.header());
+        header.set_authoritative(true);
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(edns) = request.edns() {
+            let mut ours = Edns::new();
+            ours.set_max_payload(edns.max_payload().max(512));
+            builder.edns(ours);
+        }
+        let sent = match answer {
+            StsAnswer::Pass => return self.catalog.handle_request(request, response_handle).await,
+            StsAnswer::Fault(TxtFault::Timeout) => {
+                tracing::debug!(id = request.id(), "sts txt lookup left unanswered");
+                header.set_response_code(ResponseCode::ServFail);
+                return header.into();
+            }
+            StsAnswer::Fault(TxtFault::ServFail) => {
+                header.set_authoritative(false);
+                header.set_response_code(ResponseCode::ServFail);
+                response_handle.send_response(builder.build_no_records(header)).await
+            }
+            StsAnswer::Records(records) => {
+                let soa: &[Record] =
+                    if records.is_empty() { std::slice::from_ref(&self.soa) } else { &[] };
+                let message = builder.build(header, records.iter(), [], soa.iter(), []);
+                response_handle.send_response(message).await
+            }
+        };
+        sent.unwrap_or_else(|error| {
+            tracing::debug!(%error, "dns response not sent");
+            let mut failed = Header::response_from_request(request.header());
+            failed.set_response_code(ResponseCode::ServFail);
+            failed.into()
+        })
+    }
+}
+
+fn txt_records(qname: &Name, qtype: RecordType, knobs: &StsKnobs) -> Vec<Record> {
+    if !matches!(qtype, RecordType::TXT | RecordType::ANY) {
+        return Vec::new();
+    }
+    knobs
+        .txt
+        .iter()
+        .map(|txt| {
+            let rdata = RData::TXT(TXT::new(txt.strings.clone()));
+            Record::from_rdata(qname.clone(), STS_TTL, rdata)
+        })
+        .collect()
+}
+
+fn soa_record() -> Result<Record, Error> {
+    let origin = name(ZONE)?;
+    let ns = name(&format!("ns.{ZONE}"))?;
+    let soa = SOA::new(ns, name(&format!("hostmaster.{ZONE}"))?, 1, 60, 60, 600, TTL);
+    Ok(Record::from_rdata(origin, TTL, RData::SOA(soa)))
 }
 
 fn name(text: &str) -> Result<Name, Error> {

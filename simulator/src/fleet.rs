@@ -8,7 +8,13 @@
 //! first host's socket to port 0 and reusing its number on the other addresses, starting over
 //! when one of them is taken; a host that refuses connections holds its address and port with
 //! a bound socket that never listens, so no other fleet can serve there.
+//!
+//! MTA-STS: one HTTPS listener on 127.0.0.1 (a free port, [`Fleet::sts_https_port`]) serves
+//! the policy host `mta-sts.<domain>` of every domain with an [`StsKnobs`], from
+//! [`Scenario::sts`], [`FleetOptions::sts`] (which wins) or [`Fleet::set_sts`] at run time.
+//! The relay reaches it through a test-only override of port 443.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,11 +23,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::certs::TestCa;
+use crate::certs::{TestCa, TlsKnobs};
 use crate::dns::{self, DomainRecords, MxRecord};
 use crate::error::Error;
+use crate::https;
 use crate::scenario::{Scenario, Upgrade, catalogue};
 use crate::server::{self, MxPlan, Timing};
+use crate::sts::{StsEntry, StsKnobs, StsTable, policy_host};
 use crate::transcript::{Transcript, Transcripts};
 
 /// How many times a common port is looked for before giving up.
@@ -46,6 +54,11 @@ pub struct FleetOptions {
     pub ca_dir: Option<PathBuf>,
     /// A CA to reuse (tests share one per process); `None` creates a new one.
     pub ca: Option<Arc<TestCa>>,
+    /// MTA-STS set-ups by domain (`cap-01.sim.test`, or any other name: a domain without a
+    /// scenario gets its STS names only). They replace a served scenario's [`Scenario::sts`].
+    pub sts: BTreeMap<String, StsKnobs>,
+    /// The port of the MTA-STS HTTPS responder on 127.0.0.1; 0 picks a free one.
+    pub sts_https_port: u16,
 }
 
 impl Default for FleetOptions {
@@ -59,6 +72,8 @@ impl Default for FleetOptions {
             timing: Timing::default(),
             ca_dir: None,
             ca: None,
+            sts: BTreeMap::new(),
+            sts_https_port: 0,
         }
     }
 }
@@ -101,6 +116,8 @@ pub struct Route {
 pub struct Fleet {
     dns: SocketAddr,
     port: u16,
+    sts_https: SocketAddr,
+    sts: StsTable,
     ca: Arc<TestCa>,
     ca_file: Option<PathBuf>,
     routes: Vec<Route>,
@@ -147,6 +164,27 @@ impl Fleet {
             ));
         }
 
+        let sts = StsTable::default();
+        let mut setups: BTreeMap<String, StsKnobs> =
+            scenarios.iter().map(|s| (s.domain(), s.sts.clone())).collect();
+        setups.extend(options.sts.clone());
+        for (domain, knobs) in setups {
+            set_sts(&sts, &ca, &domain, knobs).await?;
+        }
+        let sts_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), options.sts_https_port);
+        let sts_listener = TcpListener::bind(sts_addr)
+            .await
+            .map_err(|source| Error::Bind { addr: sts_addr, source })?;
+        let sts_https =
+            sts_listener.local_addr().map_err(|source| Error::Bind { addr: sts_addr, source })?;
+        tracker.spawn(https::run(
+            sts_listener,
+            sts.clone(),
+            transcripts.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+
         let routes = routes(&scenarios, &layout, port);
         let records: Vec<DomainRecords> = routes
             .iter()
@@ -163,18 +201,26 @@ impl Fleet {
                     .collect(),
             })
             .collect();
-        let dns =
-            dns::serve(options.dns_address, options.dns_port, &records, shutdown.clone(), &tracker)
-                .await?;
+        let dns = dns::serve(
+            options.dns_address,
+            options.dns_port,
+            &records,
+            sts.clone(),
+            shutdown.clone(),
+            &tracker,
+        )
+        .await?;
 
         let ca_file = match &options.ca_dir {
             Some(dir) => Some(write_ca(dir, ca.root_pem())?),
             None => None,
         };
-        tracing::info!(%dns, port, scenarios = scenarios.len(), "fleet started");
+        tracing::info!(%dns, port, %sts_https, scenarios = scenarios.len(), "fleet started");
         Ok(Self {
             dns,
             port,
+            sts_https,
+            sts,
             ca,
             ca_file,
             routes,
@@ -194,6 +240,29 @@ impl Fleet {
     /// The port every MX host listens on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The address of the MTA-STS HTTPS responder (127.0.0.1), where every `mta-sts.<domain>`
+    /// resolves.
+    pub fn sts_https_addr(&self) -> SocketAddr {
+        self.sts_https
+    }
+
+    /// The port of the MTA-STS HTTPS responder: what a relay under test uses instead of 443.
+    pub fn sts_https_port(&self) -> u16 {
+        self.sts_https.port()
+    }
+
+    /// The MTA-STS set-up of `domain`, if it publishes anything.
+    pub fn sts(&self, domain: &str) -> Option<StsKnobs> {
+        self.sts.knobs(domain)
+    }
+
+    /// Replaces the MTA-STS set-up of `domain` while the fleet runs ([`StsKnobs::none`]
+    /// removes it). The next DNS query and the next HTTPS connection see it; a connection
+    /// already past its handshake keeps its certificate but answers with the new knobs.
+    pub async fn set_sts(&self, domain: &str, knobs: StsKnobs) -> Result<(), Error> {
+        set_sts(&self.sts, &self.ca, domain, knobs).await
     }
 
     /// The test CA.
@@ -253,6 +322,30 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Issues the policy host's certificate (off the runtime: the RSA key costs seconds) and
+/// stores the set-up.
+async fn set_sts(
+    table: &StsTable,
+    ca: &Arc<TestCa>,
+    domain: &str,
+    knobs: StsKnobs,
+) -> Result<(), Error> {
+    let tls = match &knobs.https {
+        Some(https) => {
+            let (ca, host, cert) = (ca.clone(), policy_host(domain), https.cert);
+            let config = run_blocking(move || {
+                let identity = ca.issue(cert, &host)?;
+                ca.server_config(&identity, &host, &TlsKnobs::default())
+            })
+            .await??;
+            Some(config)
+        }
+        None => None,
+    };
+    table.set(domain, StsEntry { knobs, tls });
+    Ok(())
 }
 
 /// One MX host's place in the fleet.

@@ -9,7 +9,7 @@
 use std::fmt;
 
 use crate::smtp::Command;
-use crate::transcript::{Event, Transcript};
+use crate::transcript::{Event, Service, Transcript};
 
 /// An invariant a relay must keep.
 #[derive(Clone, Copy, Debug, Eq, Hash, PartialEq)]
@@ -87,6 +87,9 @@ impl fmt::Display for Violation {
 pub fn check(scenario: &str, transcript: &Transcript, forced: bool) -> Vec<Violation> {
     let mut violations = Vec::new();
     for (index, connection) in transcript.connections.iter().enumerate() {
+        if connection.service != Service::Smtp {
+            continue;
+        }
         let mut flag = |invariant: Invariant, line: &str| {
             violations.push(Violation {
                 invariant,
@@ -141,7 +144,11 @@ pub fn check(scenario: &str, transcript: &Transcript, forced: bool) -> Vec<Viola
                 }
                 Event::TlsEstablished { .. } => in_tls = true,
                 Event::TlsFailed(_) => handshake_failed = true,
-                Event::ClientHelloInPlaintext | Event::MessageAccepted { .. } | Event::Closed => {}
+                Event::ClientHelloInPlaintext
+                | Event::MessageAccepted { .. }
+                | Event::HttpRequest { .. }
+                | Event::HttpResponse { .. }
+                | Event::Closed => {}
             }
         }
     }

@@ -33,12 +33,14 @@
 //! | --- | --- |
 //! | [`smtp`] | server-side SMTP wire format without I/O: lines, commands, DATA body, replies |
 //! | [`certs`] | the test CA (fixed dates), certificate variants, rustls server configurations |
+//! | [`sts`] | MTA-STS set-ups as data: TXT records, faults, HTTPS answers; the live table |
 //! | [`scenario`] | the catalogue as data: behaviours, MX layout, expected outcomes per policy |
 //! | [`transcript`] | what the servers saw: events per connection, shared per domain |
 //! | [`server`] | one fake MX: plays a behaviour, performs the STARTTLS switch, records |
 //! | [`invariants`] | I1, I2, I4, I5 and related checks over a transcript; I9 against the relay's report |
-//! | [`dns`] | the hickory authority for `sim.test` (MX and A records) |
-//! | [`fleet`] | every scenario on its own 127.0.0.N, one common port, plus the DNS |
+//! | [`https`] | the MTA-STS policy host: one HTTPS port for every `mta-sts.<domain>` |
+//! | [`dns`] | the hickory authority for `sim.test` (MX and A records, MTA-STS names) |
+//! | [`fleet`] | every scenario on its own 127.0.0.N, one common port, plus DNS and HTTPS |
 //! | [`error`] | the library error type |
 
 #![forbid(unsafe_code)]
@@ -47,10 +49,12 @@ pub mod certs;
 pub mod dns;
 pub mod error;
 pub mod fleet;
+pub mod https;
 pub mod invariants;
 pub mod scenario;
 pub mod server;
 pub mod smtp;
+pub mod sts;
 pub mod transcript;
 
 pub use certs::{CertKind, ServerIdentity, TestCa, TlsKnobs};
@@ -59,4 +63,5 @@ pub use fleet::{Fleet, FleetOptions, Route, RouteMx};
 pub use invariants::{Delivery, Invariant, Violation, check, check_deliveries};
 pub use scenario::{Behaviour, Expected, MxSpec, Outcome, Policy, Scenario, catalogue};
 pub use server::Timing;
-pub use transcript::{ConnectionLog, Event, Transcript, Transcripts};
+pub use sts::{Framing, HttpsKnobs, StsKnobs, TxtFault, TxtRecord};
+pub use transcript::{ConnectionLog, Event, Service, Transcript, Transcripts};

@@ -20,6 +20,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use crate::certs::{CertKind, ClientAuth, KxGroups, TlsKnobs, TlsVersions};
+use crate::sts::StsKnobs;
 
 /// The DNS zone every scenario domain lives in.
 pub const ZONE: &str = "sim.test";
@@ -520,6 +521,8 @@ pub struct Scenario {
     /// delivered before the relay gives up on any of them (fairness: a destination that never
     /// answers must not hold back the others, issue 10 item 3). Zero for most scenarios.
     pub backlog: usize,
+    /// What the domain publishes for MTA-STS (RFC 8461 §3); nothing for most scenarios.
+    pub sts: StsKnobs,
 }
 
 impl Scenario {
@@ -542,6 +545,7 @@ impl Scenario {
             expected,
             requiretls: false,
             backlog: 0,
+            sts: StsKnobs::none(),
         }
     }
 

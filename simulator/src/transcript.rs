@@ -73,15 +73,43 @@ pub enum Event {
         /// The queue id given in the reply (`Q-<nonce>`).
         queue_id: String,
     },
+    /// An HTTP request head arrived at the MTA-STS responder.
+    HttpRequest {
+        /// The method, e.g. `GET`.
+        method: String,
+        /// The request target, e.g. `/.well-known/mta-sts.txt`.
+        target: String,
+        /// The `Host` header, if any.
+        host: Option<String>,
+    },
+    /// The MTA-STS responder wrote its response.
+    HttpResponse {
+        /// The status code.
+        status: u16,
+        /// Body length in octets (before chunked framing).
+        body_len: usize,
+    },
     /// The connection ended (either side).
     Closed,
+}
+
+/// Which server a connection reached.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum Service {
+    /// An MX host (SMTP).
+    #[default]
+    Smtp,
+    /// The MTA-STS policy host `mta-sts.<domain>` (HTTPS).
+    MtaStsHttps,
 }
 
 /// The events of one TCP connection.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct ConnectionLog {
-    /// The MX host name the connection was made to.
+    /// The host name the connection was made to: an MX host, or `mta-sts.<domain>`.
     pub mx: String,
+    /// Which kind of server that host is.
+    pub service: Service,
     /// The client's address.
     pub peer: SocketAddr,
     /// What happened, in order.
@@ -142,6 +170,35 @@ impl Transcript {
             })
             .collect()
     }
+
+    /// The connections to MX hosts (SMTP), without those to the MTA-STS policy host.
+    pub fn smtp(&self) -> impl Iterator<Item = &ConnectionLog> + '_ {
+        self.connections.iter().filter(|c| c.service == Service::Smtp)
+    }
+
+    /// Every HTTP request the MTA-STS policy host received, in order, as (method, target).
+    pub fn http_requests(&self) -> Vec<(&str, &str)> {
+        self.connections
+            .iter()
+            .filter(|c| c.service == Service::MtaStsHttps)
+            .flat_map(|c| &c.events)
+            .filter_map(|e| match e {
+                Event::HttpRequest { method, target, .. } => {
+                    Some((method.as_str(), target.as_str()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How many times the policy was requested (`GET` of the well-known path, whatever the
+    /// answer): what RFC 8461 §3.3's refresh rules are checked against.
+    pub fn policy_fetches(&self) -> usize {
+        self.http_requests()
+            .iter()
+            .filter(|(method, target)| *method == "GET" && *target == crate::sts::WELL_KNOWN_PATH)
+            .count()
+    }
 }
 
 type Log = Arc<Mutex<ConnectionLog>>;
@@ -188,10 +245,22 @@ impl Transcripts {
         }
     }
 
-    /// Starts the log of a new connection.
+    /// Starts the log of a new SMTP connection.
     pub(crate) fn open(&self, domain: &str, mx: &str, peer: SocketAddr) -> Recorder {
+        self.open_service(domain, mx, Service::Smtp, peer)
+    }
+
+    /// Starts the log of a new connection to a `service` host.
+    pub(crate) fn open_service(
+        &self,
+        domain: &str,
+        host: &str,
+        service: Service,
+        peer: SocketAddr,
+    ) -> Recorder {
         let log = Arc::new(Mutex::new(ConnectionLog {
-            mx: mx.to_owned(),
+            mx: host.to_owned(),
+            service,
             peer,
             events: Vec::new(),
             times: Vec::new(),
