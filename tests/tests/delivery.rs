@@ -567,3 +567,77 @@ async fn mta_sts_facts_are_gathered_except_through_a_static_route() {
     assert!(routed.tls_log.starts_with("tls=encrypt"), "{}", routed.tls_log);
     assert_eq!(sink.count(), 0);
 }
+
+/// MTA-STS end to end against the simulator: the policy is looked up in its DNS and fetched
+/// from its HTTPS responder over verified TLS, reaches the policy as a fact (the `facts`
+/// fixture answers `verify` with basis `sts` under `enforce`), and the host's floor keeps an MX
+/// the policy does not list from being used at all: `sts-mx-mismatch` before any connection,
+/// which the policy defers. Within a minute the cache answers: one fetch per domain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mta_sts_policies_are_fetched_cached_and_enforced_before_connecting() {
+    use std::collections::{BTreeMap, HashMap};
+    use std::time::Duration;
+
+    use postwarden::delivery::Deliverer;
+    use postwarden::delivery::client::Timeouts;
+    use postwarden::delivery::route::{HickoryResolver, Router};
+    use postwarden::delivery::tls::TlsContext;
+    use postwarden::standards::fetch::Fetcher;
+    use postwarden_sim::server::Timing;
+    use postwarden_sim::sts::StsKnobs;
+    use postwarden_sim::{Fleet, FleetOptions};
+
+    let policy =
+        |mx: &str| format!("version: STSv1\r\nmode: enforce\r\nmx: {mx}\r\nmax_age: 86400\r\n");
+    let fleet = Fleet::start(FleetOptions {
+        scenarios: Some(vec!["CAP-01".into(), "CERT-01".into()]),
+        timing: Timing::default(),
+        ca: Some(sim::ca().unwrap()),
+        sts: BTreeMap::from([
+            ("cap-01.sim.test".to_owned(), StsKnobs::serving("a1", &policy("*.cap-01.sim.test"))),
+            ("cert-01.sim.test".to_owned(), StsKnobs::serving("b1", &policy("mx.elsewhere.test"))),
+        ]),
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(fleet.ca().root_der().clone()).unwrap();
+    let tls = TlsContext::new(roots);
+    let fetcher = Fetcher {
+        tls: tls.https_config().unwrap(),
+        port: fleet.sts_https_port(),
+        timeout: Duration::from_secs(10),
+    };
+    let router = Router::new(
+        Box::new(HickoryResolver::new(&[fleet.dns_addr()]).unwrap()),
+        fleet.port(),
+        HashMap::new(),
+        Some(1),
+    );
+    let deliverer =
+        Deliverer::new(router, tls, Timeouts::all(Duration::from_secs(5)), "relay.test")
+            .with_mta_sts(fetcher);
+    let (chain, _e, _d) = chains::load(&broken("facts")).unwrap();
+
+    for _ in 0..2 {
+        let outcome = sim::send(&deliverer, &chain, "cap-01.sim.test", false, false).await;
+        match status(&outcome) {
+            Status::Delivered { tls: Some(tls), requirement, .. } => {
+                assert!(tls.verified);
+                assert_eq!(requirement, "verify basis=sts");
+            }
+            other => panic!("expected a verified delivery under the STS policy, got {other:?}"),
+        }
+    }
+    assert_eq!(fleet.transcript("cap-01.sim.test").policy_fetches(), 1, "the cache answers");
+
+    let outcome = sim::send(&deliverer, &chain, "cert-01.sim.test", false, false).await;
+    match status(&outcome) {
+        Status::Deferred { reason, .. } => assert_eq!(reason, "facts policy saw sts-mx-mismatch"),
+        other => panic!("expected the policy's deferral, got {other:?}"),
+    }
+    let transcript = fleet.transcript("cert-01.sim.test");
+    assert_eq!(transcript.policy_fetches(), 1);
+    assert_eq!(transcript.smtp().count(), 0, "no SMTP connection to an unlisted MX");
+}
