@@ -4,7 +4,7 @@
 use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, HasSelf, Instance, InstancePre};
 
-use super::{StoreState, convert_action, convert_context, impl_host, types};
+use super::{StoreState, contract_calls, convert_action, convert_context, impl_host, types};
 use crate::policy::facts;
 
 mod generated {
@@ -19,62 +19,7 @@ use generated::postwarden::policy::facts as wit_facts;
 use generated::postwarden::policy::host as wit_host;
 use generated::postwarden::policy::types as wit;
 
-pub(super) fn add_to_linker(
-    linker: &mut wasmtime::component::Linker<StoreState>,
-) -> wasmtime::Result<()> {
-    generated::Policy::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |state| state)
-}
-
-pub(super) fn type_check(pre: &InstancePre<StoreState>) -> wasmtime::Result<()> {
-    PolicyPre::new(pre.clone()).map(drop)
-}
-
-pub(super) fn plan(
-    store: &mut Store<StoreState>,
-    instance: &Instance,
-    export: &ComponentExportIndex,
-    ctx: &types::Context,
-) -> wasmtime::Result<types::Decision> {
-    let func =
-        instance.get_typed_func::<(&wit::Context,), (wit::Decision,)>(&mut *store, export)?;
-    let (decision,) = func.call(&mut *store, (&convert_context!(ctx, wit::Context),))?;
-    Ok(match decision {
-        wit::Decision::Abstain => types::Decision::Abstain,
-        wit::Decision::Require(r) => types::Decision::Require(requirement_from_wit(r)),
-    })
-}
-
-pub(super) fn on_failure(
-    store: &mut Store<StoreState>,
-    instance: &Instance,
-    export: &ComponentExportIndex,
-    ctx: &types::Context,
-    failure: &types::Failure,
-) -> wasmtime::Result<types::Action> {
-    let func = instance
-        .get_typed_func::<(&wit::Context, &wit::Failure), (wit::Action,)>(&mut *store, export)?;
-    let (answer,) =
-        func.call(&mut *store, (&convert_context!(ctx, wit::Context), &to_wit_failure(failure)))?;
-    Ok(convert_action!(answer, failure, wit::Action))
-}
-
-pub(super) fn on_delivered(
-    store: &mut Store<StoreState>,
-    instance: &Instance,
-    export: &ComponentExportIndex,
-    ctx: &types::Context,
-    report: &types::DeliveryReport,
-) -> wasmtime::Result<()> {
-    let func = instance
-        .get_typed_func::<(&wit::Context, &wit::DeliveryReport), ()>(&mut *store, export)?;
-    let report = wit::DeliveryReport {
-        requirement: requirement_to_wit(&report.requirement),
-        tls_version: report.tls_version.map(version_to_wit),
-        cipher: report.cipher.clone(),
-        certificate_verified: report.certificate_verified,
-    };
-    func.call(&mut *store, (&convert_context!(ctx, wit::Context), &report))
-}
+contract_calls!();
 
 impl_host!(wit_host::Host, wit_host::LogLevel);
 
